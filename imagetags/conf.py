@@ -1,0 +1,128 @@
+"""The ``IMAGETAGS`` settings dict, merged over documented defaults and read lazily.
+
+Usage::
+
+    from imagetags.conf import imagetags_settings
+    imagetags_settings.SUGGEST_LIMIT
+
+Nothing here reads ``django.conf.settings`` at import time: the merged dict is built on first
+attribute access and thrown away whenever ``IMAGETAGS`` changes (``override_settings`` included),
+so tests and sites can change it at any point. The pattern follows DRF's ``api_settings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.signals import setting_changed
+
+# Every key, its default and what it means. README.md has the same table for humans; a test keeps
+# the two in step.
+DEFAULTS: dict[str, Any] = {
+    # Feature extractor: a backend alias from EXTRACTOR_BACKENDS or a dotted path to a
+    # FeatureExtractor subclass, and the options passed to its constructor.
+    "EXTRACTOR": {
+        "CLASS": "vgg16",
+        "OPTIONS": {"weights": "imagenet", "pooling": "avg"},
+    },
+    # Aliases accepted by EXTRACTOR["CLASS"]. Sites may add their own.
+    "EXTRACTOR_BACKENDS": {
+        "vgg16": "imagetags.services.extractors.vgg16.VGG16Extractor",
+        "tflite": "imagetags.services.extractors.tflite.TFLiteExtractor",
+    },
+    # Images embedded per forward pass in bulk work (compute_features, import_library).
+    "BATCH_SIZE": 32,
+    # Enqueue a django-q2 task to compute features when a StockImage's file changes.
+    "AUTO_FEATURES": True,
+    # A feature task that failed this many times is not retried by `compute_features --missing`.
+    "MAX_FEATURE_ATTEMPTS": 3,
+    # Clustering defaults; every one can be overridden on `rebuild_clusters`' command line.
+    "CLUSTERING": {
+        "ALGORITHM": "minibatch",  # "kmeans" or "minibatch"
+        "K": "auto",  # an integer, or "auto" (see services.clustering.auto_k)
+        "BATCH_SIZE": 10_000,  # mini-batch size (the patent's example)
+        "MAX_ITER": 300,
+        "TOL": 1e-4,
+        "SEED": 0,
+    },
+    # Vectors are read from the database in chunks of this many rows.
+    "CHUNK_SIZE": 5_000,
+    # Suggestions: at most this many tags ...
+    "SUGGEST_LIMIT": 10,
+    # ... and only tags on at least this share of the nearest cluster's posts (None: no floor).
+    "SUGGEST_THRESHOLD": None,
+    # Tag sources counted into cluster tag frequencies. Auto-applied tags are left out by default
+    # so that the recommender does not learn from its own unreviewed output.
+    "COUNTED_TAG_SOURCES": ["typed", "suggested", "imported"],
+    # Auto-tagging: apply the top suggestions to a post once its images have features.
+    "AUTO_TAG": False,
+    "AUTO_TAG_LIMIT": 5,
+    "AUTO_TAG_THRESHOLD": 0.3,
+    # Upload limits.
+    "MAX_UPLOAD_BYTES": 20 * 1024 * 1024,
+    "MAX_PIXELS": 40_000_000,
+    "ALLOWED_FORMATS": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
+    # Where StockImage files go inside the default storage (strftime codes allowed).
+    "UPLOAD_TO": "imagetags/%Y/%m/",
+    # Load the extractor when a worker or web process starts, so the first request does not pay.
+    "WARM_UP": False,
+}
+
+# Keys whose values are dicts: a site's partial dict is merged over the default one, so
+# IMAGETAGS = {"CLUSTERING": {"K": 40}} keeps the other clustering defaults.
+_MERGED_DICTS = ("CLUSTERING", "EXTRACTOR_BACKENDS")
+
+
+class ImageTagsSettings:
+    """Attribute access to the merged ``IMAGETAGS`` dict."""
+
+    def __init__(self, defaults: dict[str, Any] | None = None) -> None:
+        self.defaults = defaults or DEFAULTS
+        self._cached: dict[str, Any] | None = None
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        from django.conf import settings
+
+        return getattr(settings, "IMAGETAGS", {}) or {}
+
+    def _merged(self) -> dict[str, Any]:
+        if self._cached is None:
+            user = self.user_settings
+            unknown = sorted(set(user) - set(self.defaults))
+            if unknown:
+                from django.core.exceptions import ImproperlyConfigured
+
+                raise ImproperlyConfigured(
+                    f"Unknown IMAGETAGS setting(s): {', '.join(unknown)}. "
+                    f"Known keys: {', '.join(sorted(self.defaults))}."
+                )
+            merged = {**self.defaults, **user}
+            for key in _MERGED_DICTS:
+                if key in user:
+                    merged[key] = {**self.defaults[key], **user[key]}
+            self._cached = merged
+        return self._cached
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self.defaults:
+            raise AttributeError(f"Invalid IMAGETAGS setting: {name!r}")
+        return self._merged()[name]
+
+    def reload(self) -> None:
+        self._cached = None
+
+
+imagetags_settings = ImageTagsSettings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "IMAGETAGS":
+        imagetags_settings.reload()
+        # The extractor instance depends on these settings too.
+        from imagetags.services.extractors import clear_extractor_cache
+
+        clear_extractor_cache()
+
+
+setting_changed.connect(_reload)

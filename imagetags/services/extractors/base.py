@@ -1,0 +1,66 @@
+"""The feature-extractor interface every backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class FeatureExtractor(ABC):
+    """Turns RGB images into fixed-length vectors.
+
+    Subclasses load their model lazily (on the first ``embed_batch`` or an explicit ``load()``) and
+    keep it for the life of the process; the registry hands out one instance per configuration.
+    """
+
+    #: Short backend name used at the front of the key ("vgg16", "tflite").
+    backend: str = ""
+    #: Side of the square model input, in pixels.
+    input_size: int = 224
+
+    @property
+    @abstractmethod
+    def key(self) -> str:
+        """A string naming everything that changes the vectors (backbone, weights, layer,
+        pooling, input size). Vectors with different keys are never compared."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of the vectors ``embed_batch`` returns."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model now (idempotent). Called by warm-up hooks and by ``embed_batch``."""
+
+    @abstractmethod
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a (n, size, size, 3) uint8 RGB batch already resized by ``prepare``.
+
+        Returns raw (not normalised) float32 features of shape (n, dim).
+        """
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """Resize an RGB image to the model input: (size, size, 3) uint8.
+
+        The whole image is squashed to a square, as the patent feeds 224×224×3 images; cropping
+        would drop content that carries tags.
+        """
+        from imagetags.services.images import to_model_input
+
+        return to_model_input(image, self.input_size)
+
+    def embed_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB PIL images; returns L2-normalised float32 vectors, shape (n, dim)."""
+        from imagetags.services.vectors import l2_normalize
+
+        if not images:
+            return np.empty((0, self.dim), dtype=np.float32)
+        batch = np.stack([self.prepare(image) for image in images])
+        return l2_normalize(self.embed_arrays(batch))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key}>"

@@ -1,0 +1,163 @@
+"""Opening untrusted image files safely and normalising them for the model.
+
+Every way an image enters the app (upload form, API, admin, ``import_library``, ``suggest_tags``)
+goes through :func:`open_image`, so every path rejects the same bad input with the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imagetags.conf import imagetags_settings
+
+
+class InvalidImage(ValueError):
+    """The file is not an image we accept. The message says why, in words a person can act on."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+    frames: int
+
+
+ImageSource = str | os.PathLike | IO[bytes] | Any  # path, open file, Django File
+
+
+def file_sha256(source: ImageSource, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, leaving a file object's position at the start."""
+    digest = hashlib.sha256()
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(chunk_size), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    if hasattr(source, "open") and getattr(source, "closed", True):
+        source.open("rb")  # a Django FieldFile that is not open yet
+    source.seek(0)
+    for block in iter(lambda: source.read(chunk_size), b""):
+        digest.update(block)
+    source.seek(0)
+    return digest.hexdigest()
+
+
+def _read_limited(source: ImageSource, max_bytes: int) -> bytes:
+    if isinstance(source, str | os.PathLike):
+        size = os.path.getsize(source)
+        if size > max_bytes:
+            raise InvalidImage(f"File is {size:,} bytes; the limit is {max_bytes:,} bytes.")
+        with open(source, "rb") as fh:
+            return fh.read()
+    if hasattr(source, "open") and getattr(source, "closed", False):
+        source.open("rb")
+    if hasattr(source, "seek"):
+        source.seek(0)
+    data = source.read(max_bytes + 1)
+    if hasattr(source, "seek"):
+        source.seek(0)
+    if len(data) > max_bytes:
+        raise InvalidImage(f"File is larger than the limit of {max_bytes:,} bytes.")
+    return data
+
+
+def open_image(
+    source: ImageSource,
+    *,
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[Image.Image, ImageInfo]:
+    """Open, check and decode an image; returns an upright RGB image and facts about the file.
+
+    - format must be one of ``ALLOWED_FORMATS`` (decided from the bytes, never the file name);
+    - width × height (× frames for animations) must stay within ``MAX_PIXELS``, checked from the
+      header before any pixel is decoded, so decompression bombs are refused cheaply;
+    - truncated or corrupt files are refused, not silently padded;
+    - the first frame is used, EXIF orientation is applied, and every mode (CMYK, 16-bit,
+      palette, alpha, grayscale) becomes 8-bit RGB; transparency is composited onto white.
+    """
+    max_bytes = imagetags_settings.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
+    max_pixels = imagetags_settings.MAX_PIXELS if max_pixels is None else max_pixels
+    data = _read_limited(source, max_bytes)
+    if not data:
+        raise InvalidImage("The file is empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidImage(_not_an_image_message(data)) from None
+    except OSError as exc:
+        raise InvalidImage(f"The image could not be read: {exc}.") from None
+
+    fmt = (image.format or "").upper()
+    allowed = [f.upper() for f in imagetags_settings.ALLOWED_FORMATS]
+    if fmt not in allowed:
+        raise InvalidImage(
+            f"{fmt or 'This'} images are not accepted; allowed: {', '.join(allowed)}."
+        )
+    width, height = image.size
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    if width < 1 or height < 1:
+        raise InvalidImage("The image has no pixels.")
+    if width * height * frames > max_pixels:
+        raise InvalidImage(
+            f"The image is {width}×{height} pixels"
+            + (f" × {frames} frames" if frames > 1 else "")
+            + f"; the limit is {max_pixels:,} pixels."
+        )
+    # Pillow raises on truncated data unless a site sets ImageFile.LOAD_TRUNCATED_IMAGES.
+    try:
+        image.seek(0)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"The image data is truncated or corrupt ({exc}).") from None
+    rgb = to_rgb(ImageOps.exif_transpose(image) or image)
+    return rgb, ImageInfo(format=fmt, width=width, height=height, frames=frames)
+
+
+def _not_an_image_message(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "SVG files are not accepted: upload a JPEG, PNG, GIF or WebP image."
+    return "The file is not an image (its contents match no supported image format)."
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode, with transparency composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping everything above 255 to white.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = Image.fromarray(((array - lo) * scale).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def to_model_input(image: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 array of an RGB image, resized with bilinear filtering."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    if image.size != (size, size):
+        # reducing_gap: draft-level pre-shrink for big photos, much faster at equal quality.
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)

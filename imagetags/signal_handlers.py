@@ -1,0 +1,61 @@
+"""Signal handlers, connected in ``ImageTagsConfig.ready()``.
+
+They never compute anything in the request: they enqueue a django-q2 task, with the image id
+only, once the surrounding transaction has committed (a rolled-back upload enqueues nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+from django.db import transaction
+from django.db.models.signals import post_save
+
+from imagetags.conf import imagetags_settings
+
+_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "imagetags_feature_tasks_suspended", default=False
+)
+
+
+@contextlib.contextmanager
+def feature_tasks_suspended() -> Iterator[None]:
+    """Do not enqueue feature tasks inside this block (bulk work that computes features itself)."""
+    token = _suspended.set(True)
+    try:
+        yield
+    finally:
+        _suspended.reset(token)
+
+
+def enqueue_feature_extraction(image_id: int) -> None:
+    from django_q.tasks import async_task
+
+    async_task(
+        "imagetags.tasks.extract_features",
+        image_id,
+        task_name=f"imagetags-features-{image_id}",
+        group="imagetags-features",
+    )
+
+
+def stock_image_saved(
+    sender: Any, instance: Any, created: bool, raw: bool = False, **kwargs: Any
+) -> None:
+    if raw or not imagetags_settings.AUTO_FEATURES or _suspended.get():
+        return
+    if not getattr(instance, "_features_outdated", False):
+        return
+    image_id = instance.pk
+    transaction.on_commit(lambda: enqueue_feature_extraction(image_id), robust=True)
+
+
+def register_signal_handlers() -> None:
+    from imagetags.models import StockImage
+
+    post_save.connect(
+        stock_image_saved, sender=StockImage, dispatch_uid="imagetags_stock_image_saved"
+    )

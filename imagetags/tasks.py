@@ -1,0 +1,21 @@
+"""django-q2 task functions: thin, taking ids, safe to run twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def extract_features(image_id: int) -> dict[str, Any]:
+    """Compute (or skip, if already current) the feature vector of one StockImage."""
+    from imagetags.services.features import compute_features
+
+    summary = compute_features([image_id])
+    return summary.as_dict()
+
+
+def rebuild_clusters(**options: Any) -> dict[str, Any]:
+    """Rebuild the clustering in a worker (the admin's "rebuild" button enqueues this)."""
+    from imagetags.services.clustering import rebuild_clusters as rebuild
+
+    cluster_set = rebuild(**options)
+    return {"cluster_set": cluster_set.pk, "k": cluster_set.k, "status": cluster_set.status}
