@@ -1,0 +1,93 @@
+"""Shared fixtures. Images are made in memory with Pillow; media goes to a per-test tmp folder."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED = PROJECT_ROOT.parent / "shared"
+TFLITE_MODEL = SHARED / "models" / "mobilenet_v2_1.0_224_quant.tflite"
+FEEDME_MANIFEST = SHARED / "data" / "feedme-dev" / "manifest.jsonl"
+
+requires_tflite_model = pytest.mark.skipif(
+    not TFLITE_MODEL.exists(), reason=f"needs the MobileNetV2 TFLite model at {TFLITE_MODEL}"
+)
+requires_feedme = pytest.mark.skipif(
+    not FEEDME_MANIFEST.exists(), reason=f"needs the feedme-dev library at {FEEDME_MANIFEST}"
+)
+
+
+def image_bytes(
+    color: tuple[int, int, int] = (200, 30, 30),
+    size: tuple[int, int] = (48, 32),
+    fmt: str = "JPEG",
+    pattern: str = "solid",
+    seed: int = 0,
+) -> bytes:
+    """A small real image file. ``pattern``: solid, stripes or noise (noise is seeded)."""
+    if pattern == "noise":
+        rng = np.random.default_rng(seed)
+        base = np.array(color, dtype=np.float32)
+        pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+    else:
+        image = Image.new("RGB", size, color)
+        if pattern == "stripes":
+            for x in range(0, size[0], 8):
+                for y in range(size[1]):
+                    for dx in range(min(4, size[0] - x)):
+                        image.putpixel(
+                            (x + dx, y), (255 - color[0], 255 - color[1], 255 - color[2])
+                        )
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def media_root(tmp_path: Path, settings) -> Path:
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    return tmp_path / "media"
+
+
+@pytest.fixture
+def make_upload() -> Callable[..., SimpleUploadedFile]:
+    def factory(name: str = "photo.jpg", **kwargs) -> SimpleUploadedFile:
+        return SimpleUploadedFile(name, image_bytes(**kwargs), content_type="image/jpeg")
+
+    return factory
+
+
+@pytest.fixture
+def make_post(db, make_upload):
+    """make_post(tags=[...], images=1, color=..., source="typed") -> Post with saved StockImages."""
+    from imagetags.models import Post, PostTag, StockImage, Tag
+
+    counter = {"n": 0}
+
+    def factory(
+        tags: Iterable[str] = (),
+        images: int = 1,
+        source: str = "typed",
+        title: str = "",
+        **image_kwargs,
+    ) -> Post:
+        post = Post.objects.create(title=title)
+        for name in tags:
+            tag, _ = Tag.objects.get_or_create(name=name)
+            PostTag.objects.create(post=post, tag=tag, source=source)
+        for i in range(images):
+            counter["n"] += 1
+            StockImage.objects.create(
+                post=post, image=make_upload(f"img{counter['n']}-{i}.jpg", **image_kwargs)
+            )
+        return post
+
+    return factory
