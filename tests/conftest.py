@@ -91,3 +91,45 @@ def make_post(db, make_upload):
         return post
 
     return factory
+
+
+DIM = 8  # hand-built vectors: near one axis each, so clusters are known in advance
+
+
+def unit(axis: int, jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+    from imagetags.services import vectors
+
+    rng = np.random.default_rng(seed)
+    vec = np.zeros(DIM, dtype=np.float32)
+    vec[axis] = 1.0
+    vec += rng.normal(0, jitter, DIM).astype(np.float32)
+    return vectors.l2_normalize(vec)
+
+
+@pytest.fixture
+def add_post(db, make_upload):
+    """add_post(tags, axes, source="typed", key=None) -> Post whose images have vectors near the
+    given axes (one image per axis entry), READY under `key` (default: the current extractor)."""
+    from imagetags.models import FeatureStatus, Post, PostTag, StockImage, Tag
+    from imagetags.services import vectors
+    from imagetags.services.clustering import current_extractor_key
+
+    key_default = current_extractor_key()
+    counter = {"n": 0}
+
+    def factory(tags, axes, source="typed", key=None, jitter=0.05):
+        post = Post.objects.create()
+        for name in tags:
+            tag, _ = Tag.objects.get_or_create(name=name)
+            PostTag.objects.create(post=post, tag=tag, source=source)
+        for axis in axes:
+            counter["n"] += 1
+            image = StockImage.objects.create(post=post, image=make_upload(f"v{counter['n']}.jpg"))
+            StockImage.objects.filter(pk=image.pk).update(
+                vector=vectors.to_bytes(unit(axis, jitter, seed=counter["n"])),
+                feature_status=FeatureStatus.READY,
+                extractor_key=key or key_default,
+            )
+        return post
+
+    return factory

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[api,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Set up and run the demo site (web server + django-q2 worker) on http://127.0.0.1:8000/
+demo: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" bash demo_site/run_demo.sh
+
+## Lint, then the whole test suite (real TensorFlow, scikit-learn, django-q2 worker, SQLite)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-demo:
+	rm -rf demo.sqlite3 demo_media

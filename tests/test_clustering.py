@@ -1,0 +1,218 @@
+"""Rebuilds, once-per-post counting, warm start, refusals and freshness, on hand-built vectors.
+
+The vectors are written straight into StockImage rows under the current extractor's key, so
+these tests pin the clustering and counting logic without running a model.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from imagetags.models import (
+    Cluster,
+    ClusterMembership,
+    ClusterSet,
+    ClusterSetStatus,
+    FeatureStatus,
+    PostTag,
+    StockImage,
+    Tag,
+    TagFrequency,
+)
+from imagetags.services import ranking
+from imagetags.services.clustering import (
+    ClusteringError,
+    assign_to_active_set,
+    rebuild_clusters,
+)
+
+
+def frequencies(cluster: Cluster) -> dict[str, int]:
+    return dict(cluster.tag_frequencies.values_list("tag__name", "post_count"))
+
+
+def test_once_per_post_counting_changes_the_ranking():
+    # One 9-image post tagged "burger" and three 1-image posts tagged "pizza" in one cluster:
+    # per image, burger would win 9 to 3; per post, pizza wins 3 to 1.
+    labels = [0] * 12
+    post_ids = ["big"] * 9 + ["a", "b", "c"]
+    post_tags = {"big": ["burger"], "a": ["pizza"], "b": ["pizza"], "c": ["pizza"]}
+    post_counts, counters = ranking.count_tag_frequencies(labels, post_ids, post_tags, k=1)
+    assert post_counts == [4]
+    assert counters[0] == {"pizza": 3, "burger": 1}
+    ranked = ranking.rank_cluster_tags(counters[0], post_counts[0])
+    assert [r.tag for r in ranked] == ["pizza", "burger"]
+    assert ranked[0].evidence == "in 3 of 4 similar posts"
+
+
+def test_a_post_split_across_clusters_votes_in_each():
+    post_counts, counters = ranking.count_tag_frequencies(
+        [0, 1, 1], ["p", "p", "q"], {"p": ["x"], "q": ["x", "y"]}, k=2
+    )
+    assert post_counts == [1, 2]
+    assert counters[0] == {"x": 1}
+    assert counters[1] == {"x": 2, "y": 1}
+
+
+def test_rank_threshold_limit_exclude_and_stable_ties():
+    counts = {"b": 2, "a": 2, "c": 1, "d": 4}
+    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4)] == ["d", "a", "b", "c"]
+    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, limit=2)] == ["d", "a"]
+    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, threshold=0.5)] == ["d", "a", "b"]
+    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, exclude={"d"})] == ["a", "b", "c"]
+    assert ranking.rank_cluster_tags(counts, 0) == []
+
+
+def test_rebuild_counts_each_tag_once_per_post(add_post):
+    add_post(["burger", "food"], [0] * 9)
+    for _ in range(3):
+        add_post(["pizza", "food"], [0])
+    for _ in range(4):
+        add_post(["sea", "food"], [1])
+
+    cluster_set = rebuild_clusters(k=2, algorithm="kmeans")
+
+    assert cluster_set.status == ClusterSetStatus.ACTIVE
+    assert (cluster_set.k, cluster_set.n_images, cluster_set.n_posts) == (2, 16, 8)
+    by_size = {c.size: c for c in cluster_set.clusters.all()}
+    red, sea = by_size[12], by_size[4]
+    assert (red.post_count, sea.post_count) == (4, 4)
+    assert frequencies(red) == {"food": 4, "pizza": 3, "burger": 1}
+    assert frequencies(sea) == {"food": 4, "sea": 4}
+    assert ClusterMembership.objects.filter(cluster_set=cluster_set).count() == 16
+
+
+def test_rebuild_leaves_out_auto_tags_and_other_extractors(add_post):
+    add_post(["kept"], [0, 0])
+    add_post(["kept"], [0])
+    auto_post = add_post([], [0])
+    PostTag.objects.create(post=auto_post, tag=Tag.objects.create(name="guess"), source="auto")
+    add_post(["elsewhere"], [1], key="some/other/extractor")
+
+    cluster_set = rebuild_clusters(k=1)
+
+    assert cluster_set.n_images == 4  # the vector of the other extractor is not mixed in
+    cluster = cluster_set.clusters.get()
+    assert frequencies(cluster) == {"kept": 2}
+    assert cluster.post_count == 3
+    # The other extractor's image was marked stale, so it is recomputed rather than compared.
+    assert StockImage.objects.filter(feature_status=FeatureStatus.STALE).count() == 1
+
+
+def test_new_set_retires_the_old_one_and_only_one_is_active(add_post):
+    for axis in (0, 0, 1, 1):
+        add_post(["t"], [axis])
+    first = rebuild_clusters(k=2)
+    second = rebuild_clusters(k=2, seed=1)
+    first.refresh_from_db()
+    assert first.status == ClusterSetStatus.RETIRED
+    assert second.status == ClusterSetStatus.ACTIVE
+    assert ClusterSet.objects.active() == second
+    assert ClusterSet.objects.filter(status=ClusterSetStatus.ACTIVE).count() == 1
+    # The retired set keeps its clusters and counts for rollback.
+    assert (
+        first.clusters.count() == 2
+        and TagFrequency.objects.filter(cluster__cluster_set=first).exists()
+    )
+
+
+def test_failed_rebuild_keeps_the_active_set(add_post, monkeypatch):
+    for axis in (0, 0, 1, 1):
+        add_post(["t"], [axis])
+    good = rebuild_clusters(k=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ranking, "count_tag_frequencies", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rebuild_clusters(k=2)
+
+    assert ClusterSet.objects.active() == good
+    failed = ClusterSet.objects.get(status=ClusterSetStatus.FAILED)
+    assert "disk full" in failed.error
+
+
+def test_refuses_without_vectors(db, make_post):
+    with pytest.raises(ClusteringError, match="library is empty"):
+        rebuild_clusters(k=2)
+    make_post(tags=["x"], images=2)  # saved, but no task ran: features pending
+    with pytest.raises(ClusteringError, match=r"No feature vectors .* 2 images pending"):
+        rebuild_clusters(k=2)
+    assert not ClusterSet.objects.exists()
+
+
+def test_refuses_fewer_vectors_than_k(add_post):
+    add_post(["x"], [0, 1, 2])
+    with pytest.raises(ClusteringError, match=r"Only 3 images have vectors .* fewer than K=5"):
+        rebuild_clusters(k=5)
+    assert not ClusterSet.objects.exists()
+
+
+def test_auto_k_follows_library_size():
+    assert ranking.auto_k(10) == 2
+    assert ranking.auto_k(480) == 30
+    assert ranking.auto_k(10**6) == 150
+
+
+def test_warm_start_begins_from_the_active_centres(add_post):
+    for axis in (0, 0, 0, 1, 1, 1, 2, 2, 2):
+        add_post(["t"], [axis])
+    first = rebuild_clusters(k=3, algorithm="kmeans")
+    add_post(["late"], [2, 2])
+
+    warm = rebuild_clusters(warm_start=True, algorithm="kmeans")
+
+    assert warm.warm_started_from == first
+    assert warm.k == 3 and warm.params["warm_start"] is True
+    assert warm.n_images == 11
+    # Started from converged centres, k-means needs next to no iterations.
+    assert warm.iterations <= 2
+    with pytest.raises(ClusteringError, match="keeps the active set's K=3"):
+        rebuild_clusters(warm_start=True, k=5)
+
+
+def test_warm_start_needs_an_active_set(add_post):
+    add_post(["t"], [0, 1])
+    with pytest.raises(ClusteringError, match="needs an active cluster set"):
+        rebuild_clusters(warm_start=True)
+
+
+def test_new_images_join_the_active_set_once_per_post(add_post):
+    for axis in (0, 0, 1, 1):
+        add_post(["base"], [axis])
+    rebuild_clusters(k=2, algorithm="kmeans")
+
+    post = add_post(["base", "fresh"], [1, 1])
+    images = list(post.images.all())
+
+    assert assign_to_active_set(images[:1]) == 1
+    cluster = ClusterMembership.objects.get(image=images[0]).cluster
+    assert (cluster.size, cluster.post_count) == (3, 3)
+    assert frequencies(cluster) == {"base": 3, "fresh": 1}
+
+    # The post's second image lands in the same cluster: one more image, not one more post.
+    assert assign_to_active_set(images) == 1  # the first one is already a member
+    cluster.refresh_from_db()
+    assert (cluster.size, cluster.post_count) == (4, 3)
+    assert frequencies(cluster) == {"base": 3, "fresh": 1}
+    assert assign_to_active_set(images) == 0  # a task delivered twice changes nothing
+
+
+def test_rebuild_clusters_command_prints_a_summary(add_post, capsys):
+    for axis in (0, 0, 1, 1):
+        add_post(["cake"] if axis == 0 else ["soup"], [axis])
+    call_command("rebuild_clusters", "--k", "2", "--algorithm", "kmeans", "--seed", "3")
+    out = capsys.readouterr().out
+    assert "is active: K=2, 4 images in 4 posts, kmeans" in out
+    assert "cake (2)" in out and "soup (2)" in out
+    assert ClusterSet.objects.active().params["seed"] == 3
+
+
+def test_rebuild_clusters_command_refuses_clearly(db):
+    with pytest.raises(CommandError, match="library is empty"):
+        call_command("rebuild_clusters", "--k", "2")
+    with pytest.raises(CommandError):
+        call_command("rebuild_clusters", "--k", "many")
