@@ -93,5 +93,7 @@ Q_CLUSTER = {
 }
 
 IMAGETAGS = {
-    "EXTRACTOR": extractor_config_from_spec(os.environ.get("IMAGETAGS_EXTRACTOR", "vgg16:imagenet")),
+    "EXTRACTOR": extractor_config_from_spec(
+        os.environ.get("IMAGETAGS_EXTRACTOR", "vgg16:imagenet")
+    ),
 }
