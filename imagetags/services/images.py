@@ -6,6 +6,7 @@ goes through :func:`open_image`, so every path rejects the same bad input with t
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import os
@@ -25,6 +26,8 @@ class InvalidImage(ValueError):
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """Facts about an opened file: format (MPO reported as JPEG), upright size, frame count."""
+
     format: str
     width: int
     height: int
@@ -94,19 +97,29 @@ def open_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own ceiling (Image.MAX_IMAGE_PIXELS), checked from the header like ours.
+        raise InvalidImage(f"The image has too many pixels to open safely ({exc}).") from None
+    except UnidentifiedImageError:
         raise InvalidImage(_not_an_image_message(data)) from None
-    except OSError as exc:
-        raise InvalidImage(f"The image could not be read: {exc}.") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(
+            f"The image could not be read: it is truncated or corrupt ({exc})."
+        ) from None
 
-    fmt = (image.format or "").upper()
+    pillow_format = (image.format or "").upper()
+    # Pillow calls JPEGs with a Multi-Picture extension (most phone and camera photos) "MPO";
+    # they are JPEG files and must be accepted as such.
+    fmt = _FORMAT_ALIASES.get(pillow_format, pillow_format)
     allowed = [f.upper() for f in imagetags_settings.ALLOWED_FORMATS]
     if fmt not in allowed:
         raise InvalidImage(
             f"{fmt or 'This'} images are not accepted; allowed: {', '.join(allowed)}."
         )
     width, height = image.size
-    frames = int(getattr(image, "n_frames", 1) or 1)
+    # An MPO's extra pictures (previews, depth maps) are never decoded, unlike animation frames,
+    # so they must not push a phone photo over the pixel limit.
+    frames = 1 if pillow_format == "MPO" else int(getattr(image, "n_frames", 1) or 1)
     if width < 1 or height < 1:
         raise InvalidImage("The image has no pixels.")
     if width * height * frames > max_pixels:
@@ -122,13 +135,53 @@ def open_image(
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"The image data is truncated or corrupt ({exc}).") from None
     rgb = to_rgb(ImageOps.exif_transpose(image) or image)
-    return rgb, ImageInfo(format=fmt, width=width, height=height, frames=frames)
+    # Report the size as displayed: a portrait phone photo is stored landscape + EXIF rotation.
+    return rgb, ImageInfo(format=fmt, width=rgb.width, height=rgb.height, frames=frames)
+
+
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+
+# Leading bytes of the formats we accept, to tell a damaged or disguised image from a non-image.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def _not_an_image_message(data: bytes) -> str:
-    head = data[:512].lstrip().lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+    head = data[:4096]
+    if head.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        head = head[3:]
+    text = head.lstrip().lower()
+    if text.startswith(b"<") and b"<svg" in text:
+        # Also behind an XML declaration, DOCTYPE or comment; SVG can carry scripts.
         return "SVG files are not accepted: upload a JPEG, PNG, GIF or WebP image."
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return (
+                f"The file starts like a {name} image but the rest is not valid {name} data: "
+                "it is damaged, or another kind of file disguised as an image."
+            )
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return (
+            "The file starts like a WEBP image but the rest is not valid WEBP data: "
+            "it is damaged, or another kind of file disguised as an image."
+        )
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "The file is an HTML page, not an image."
+    if b"\x00" not in head:
+        try:
+            # Incremental: a multi-byte character cut at the 4 KB boundary is not an error.
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            pass
+        else:
+            return "The file is text, not an image: upload a JPEG, PNG, GIF or WebP image."
     return "The file is not an image (its contents match no supported image format)."
 
 

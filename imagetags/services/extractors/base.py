@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+# (path, mtime_ns, size) -> sha256 hex. Model files are tens of MB and keys are read often (every
+# stored vector names one), so each version of a file is hashed once per process.
+_digests: dict[tuple[str, int, int], str] = {}
+_digests_lock = threading.Lock()
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a model or weights file, recomputed only when its mtime or size changes."""
+    path = os.path.abspath(os.fspath(path))
+    stat = os.stat(path)
+    cache_key = (path, stat.st_mtime_ns, stat.st_size)
+    with _digests_lock:
+        digest = _digests.get(cache_key)
+    if digest is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
+        with _digests_lock:
+            _digests[cache_key] = digest
+    return digest
 
 
 class FeatureExtractor(ABC):

@@ -1,0 +1,295 @@
+"""Opening untrusted files: orientation, modes, animations, and every way a file is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagetags.services.images import (
+    ImageInfo,
+    InvalidImage,
+    file_sha256,
+    open_image,
+    to_model_input,
+    to_rgb,
+)
+from tests.conftest import image_bytes
+
+WHITE = (255, 255, 255)
+
+
+def _save(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def _open(data: bytes, **kwargs) -> tuple[Image.Image, ImageInfo]:
+    return open_image(io.BytesIO(data), **kwargs)
+
+
+def _refusal(data: bytes, **kwargs) -> str:
+    with pytest.raises(InvalidImage) as info:
+        _open(data, **kwargs)
+    return str(info.value)
+
+
+def _upright() -> Image.Image:
+    """64×48, four flat quadrants of different colours: every flip or turn changes it."""
+    image = Image.new("RGB", (64, 48))
+    colours = [(220, 20, 20), (20, 200, 20), (20, 20, 220), (230, 230, 30)]
+    for i, colour in enumerate(colours):
+        x, y = (i % 2) * 32, (i // 2) * 24
+        image.paste(colour, (x, y, x + 32, y + 24))
+    return image
+
+
+# How a camera stores a picture for each EXIF orientation (the TIFF/EXIF spec, tag 274): the
+# stored pixels are the upright picture with this transform applied; viewers undo it.
+STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # displayed after turning 90° clockwise
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,  # displayed after turning 90° anticlockwise
+}
+
+
+def _with_orientation(upright: Image.Image, orientation: int) -> bytes:
+    transform = STORED_AS[orientation]
+    stored = upright.transpose(transform) if transform is not None else upright.copy()
+    exif = Image.Exif()
+    exif[274] = orientation
+    return _save(stored, "JPEG", quality=95, exif=exif)
+
+
+# -- orientation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_the_upright_picture(orientation: int):
+    upright = _upright()
+    expected = to_model_input(_open(_save(upright, "JPEG", quality=95))[0], 32).astype(int)
+    image, info = _open(_with_orientation(upright, orientation))
+    actual = to_model_input(image, 32).astype(int)
+    assert np.abs(actual - expected).mean() < 4, orientation
+    assert (info.width, info.height) == (64, 48)  # the size as displayed
+    if orientation != 1:
+        # The check can fail: the stored pixels alone are a different picture.
+        with Image.open(io.BytesIO(_with_orientation(upright, orientation))) as raw:
+            stored = to_model_input(raw.convert("RGB"), 32).astype(int)
+        assert np.abs(stored - expected).mean() > 30
+
+
+# -- modes --------------------------------------------------------------------------------------
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    image, info = _open(_save(Image.new("CMYK", (20, 10), (255, 0, 0, 0)), "JPEG", quality=95))
+    assert image.mode == "RGB" and info.format == "JPEG"
+    r, g, b = image.getpixel((10, 5))
+    assert r < 30 and g > 225 and b > 225  # full cyan ink
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    ramp = (np.arange(40, dtype=np.uint16).reshape(4, 10) * 1000).astype(np.uint16)
+    image, _ = _open(_save(Image.fromarray(ramp), "PNG"))
+    pixels = np.asarray(image)
+    assert image.mode == "RGB"
+    assert pixels[0, 0].tolist() == [0, 0, 0]
+    assert pixels[-1, -1].tolist() == [255, 255, 255]
+    # Mid-grey stays mid-grey; clipping to 8 bits would turn everything above 255 white.
+    assert 100 < pixels[2, 0, 0] < 160
+
+
+def test_palette_without_transparency():
+    palette = Image.new("RGB", (10, 10), (30, 90, 200)).convert("P", palette=Image.Palette.ADAPTIVE)
+    image, info = _open(_save(palette, "GIF"))
+    assert image.mode == "RGB" and info.format == "GIF"
+    assert np.abs(np.array(image.getpixel((5, 5))) - (30, 90, 200)).max() <= 8
+
+
+def test_palette_transparency_becomes_white():
+    palette = Image.new("P", (10, 10), 0)
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    palette.paste(1, (5, 0, 10, 10))  # right half red, left half index 0 = transparent
+    image, _ = _open(_save(palette, "PNG", transparency=0))
+    assert image.getpixel((2, 5)) == WHITE
+    assert image.getpixel((7, 5)) == (200, 0, 0)
+
+
+def test_rgba_is_composited_onto_white():
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (5, 0, 10, 10))
+    rgba.paste((255, 0, 0, 128), (0, 0, 5, 5))
+    image, _ = _open(_save(rgba, "PNG"))
+    assert image.mode == "RGB"
+    assert image.getpixel((2, 8)) == WHITE  # transparent black must not turn black
+    assert image.getpixel((7, 5)) == (0, 0, 255)
+    r, g, b = image.getpixel((2, 2))  # half-transparent red over white: pink
+    assert r == 255 and 120 < g < 135 and 120 < b < 135
+
+
+def test_la_and_l_become_gray_rgb():
+    la = Image.new("LA", (10, 10), (60, 255))
+    la.paste((0, 0), (0, 0, 5, 10))
+    image, _ = _open(_save(la, "PNG"))
+    assert image.mode == "RGB"
+    assert image.getpixel((2, 2)) == WHITE and image.getpixel((7, 2)) == (60, 60, 60)
+    image, _ = _open(_save(Image.new("L", (10, 10), 90), "PNG"))
+    assert image.mode == "RGB" and image.getpixel((3, 3)) == (90, 90, 90)
+
+
+def test_to_rgb_and_to_model_input_accept_any_mode():
+    assert to_rgb(Image.new("1", (4, 4), 1)).getpixel((0, 0)) == WHITE
+    array = to_model_input(Image.new("L", (50, 20), 128), 16)
+    assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+    assert np.all(array == 128)
+
+
+# -- animations ---------------------------------------------------------------------------------
+
+
+def _animated_gif(size=(20, 10), colours=((250, 0, 0), (0, 250, 0), (0, 0, 250))) -> bytes:
+    frames = [Image.new("RGB", size, colour) for colour in colours]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def test_animated_gif_first_frame_and_frame_count():
+    image, info = _open(_animated_gif())
+    assert info == ImageInfo(format="GIF", width=20, height=10, frames=3)
+    r, g, b = image.getpixel((5, 5))
+    assert r > 240 and g < 10 and b < 10
+
+
+def test_animation_frames_count_against_the_pixel_limit():
+    data = _animated_gif()
+    message = _refusal(data, max_pixels=20 * 10 * 2)
+    assert "3 frames" in message and "400" in message
+    assert _open(data, max_pixels=20 * 10 * 3)[1].frames == 3
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def test_empty_file():
+    assert "empty" in _refusal(b"")
+
+
+def test_text_named_jpg(tmp_path: Path):
+    path = tmp_path / "holiday.jpg"
+    path.write_text("These are my holiday notes, not a picture.\n")
+    with pytest.raises(InvalidImage, match="text, not an image"):
+        open_image(path)
+
+
+def test_html_page():
+    assert "HTML" in _refusal(b"<!DOCTYPE html><html><body>hi</body></html>")
+
+
+def test_truncated_jpeg():
+    data = image_bytes(size=(300, 200), pattern="noise")
+    message = _refusal(data[: len(data) // 2])
+    assert "truncated" in message
+
+
+def test_truncated_header():
+    data = image_bytes(size=(300, 200), pattern="noise")
+    assert "truncated or corrupt" in _refusal(data[:40])
+
+
+@pytest.mark.parametrize(
+    "svg",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>',
+        b'\xef\xbb\xbf<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg">'
+        b"<script>alert(1)</script></svg>",
+        b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x.dtd">\n<!-- logo -->\n'
+        b"<svg><script>alert(1)</script></svg>",
+    ],
+)
+def test_svg_is_refused_by_name(svg: bytes):
+    assert "SVG" in _refusal(svg)
+
+
+def test_png_header_followed_by_html():
+    data = b"\x89PNG\r\n\x1a\n<html><script>alert(document.cookie)</script></html>"
+    message = _refusal(data)
+    assert "PNG" in message and "disguised" in message
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # Header of a 4000×3000 JPEG with almost no pixel data: decoding it would fail as truncated,
+    # so a pixel-limit message proves the header alone was judged.
+    data = _save(Image.new("RGB", (4000, 3000), (9, 9, 9)), "JPEG")[:2000]
+    message = _refusal(data, max_pixels=1_000_000)
+    assert "4000×3000" in message and "1,000,000" in message
+    assert "truncated" in _refusal(data, max_pixels=20_000_000)
+
+
+def test_pillow_decompression_bomb_is_refused():
+    # 10,000 × 10,000 one-bit pixels compress to ~12 KB; Pillow's own ceiling refuses it even
+    # when the site's limit would allow it, before any pixel is decoded.
+    data = _save(Image.new("1", (10_000, 10_000)), "PNG")
+    assert len(data) < 50_000
+    message = _refusal(data, max_pixels=10**10)
+    assert "too many pixels" in message and "100000000" in message
+
+
+def test_size_limit(tmp_path: Path):
+    data = image_bytes(size=(64, 64), pattern="noise")
+    assert "limit" in _refusal(data, max_bytes=100) and "100 bytes" in _refusal(data, max_bytes=100)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    with pytest.raises(InvalidImage, match=f"{len(data):,} bytes"):
+        open_image(path, max_bytes=100)
+    assert open_image(path, max_bytes=len(data))[1].format == "JPEG"
+
+
+def test_format_not_allowed(settings):
+    data = image_bytes(fmt="PNG")
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "ALLOWED_FORMATS": ["JPEG"]}
+    message = _refusal(data)
+    assert "PNG images are not accepted" in message and "JPEG" in message
+
+
+def test_phone_jpeg_with_multi_picture_data_is_a_jpeg():
+    # Pillow names JPEGs carrying an MPF extension (most phones) "MPO".
+    main, preview = Image.new("RGB", (40, 30), (200, 0, 0)), Image.new("RGB", (40, 30))
+    data = _save(main, "MPO", save_all=True, append_images=[preview])
+    with Image.open(io.BytesIO(data)) as raw:
+        assert raw.format == "MPO"
+    image, info = _open(data, max_pixels=40 * 30)
+    assert info.format == "JPEG" and info.frames == 1  # the preview is never decoded
+    assert image.getpixel((20, 15))[0] > 180
+
+
+def test_django_file_and_upload_are_read_from_the_start(make_upload):
+    upload = make_upload("a.jpg", size=(30, 20))
+    upload.read(10)
+    image, info = open_image(upload)
+    assert (info.width, info.height) == (30, 20)
+    assert upload.tell() == 0
+
+
+# -- hashing ------------------------------------------------------------------------------------
+
+
+def test_file_sha256_leaves_position_at_start(tmp_path: Path):
+    data = image_bytes(pattern="noise")
+    expected = hashlib.sha256(data).hexdigest()
+    buffer = io.BytesIO(data)
+    buffer.read(17)
+    assert file_sha256(buffer, chunk_size=100) == expected
+    assert buffer.tell() == 0
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data)
+    assert file_sha256(path) == file_sha256(str(path)) == expected
