@@ -1,3 +1,5 @@
+import threading
+
 from django.apps import AppConfig
 from django.utils.translation import gettext_lazy as _
 
@@ -11,3 +13,19 @@ class ImageTagsConfig(AppConfig):
         from imagetags import checks, signal_handlers  # noqa: F401
 
         signal_handlers.register_signal_handlers()
+        start_warm_up()
+
+
+def start_warm_up() -> threading.Thread | None:
+    """With ``IMAGETAGS["WARM_UP"]``, load the model in a daemon thread while the process starts,
+    so the first suggestion request does not wait for it. Off by default: management commands
+    that never embed (migrate, shell) should not pay for loading TensorFlow."""
+    from imagetags.conf import imagetags_settings
+
+    if not imagetags_settings.WARM_UP:
+        return None
+    from imagetags.services.extractors import warm_up
+
+    thread = threading.Thread(target=warm_up, name="imagetags-warm-up", daemon=True)
+    thread.start()
+    return thread

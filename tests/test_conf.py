@@ -107,3 +107,22 @@ def test_checks_report_bad_configuration(tmp_path):
         INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "imagetags"]
     ):
         assert [e.id for e in check_task_queue()] == ["imagetags.E003"]
+
+
+def test_warm_up_loads_the_model_once_in_the_background(settings):
+    from imagetags.apps import start_warm_up
+    from imagetags.services.extractors.vgg16 import VGG16Extractor
+
+    assert start_warm_up() is None  # off by default
+    settings.IMAGETAGS = {
+        "WARM_UP": True,
+        "EXTRACTOR": {"CLASS": "vgg16", "OPTIONS": {"weights": None, "seed": 11, "input_size": 32}},
+    }
+    before = VGG16Extractor.loads
+    thread = start_warm_up()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert VGG16Extractor.loads == before + 1
+    assert get_extractor()._model is not None
+    start_warm_up().join(timeout=120)
+    assert VGG16Extractor.loads == before + 1  # the same process never loads it twice

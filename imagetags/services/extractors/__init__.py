@@ -22,6 +22,7 @@ __all__ = [
     "extractor_config_from_spec",
     "get_extractor",
     "load_extractor_class",
+    "warm_up",
 ]
 
 _cache: dict[str, FeatureExtractor] = {}
@@ -74,6 +75,17 @@ def get_extractor(config: dict[str, Any] | None = None) -> FeatureExtractor:
         extractor = _cache.get(cache_key)
         if extractor is None:
             extractor = _cache[cache_key] = build_extractor(config)
+    return extractor
+
+
+def warm_up() -> FeatureExtractor:
+    """Load the configured extractor's model now, so that no request pays for it later.
+
+    Called in a background thread at start-up when ``IMAGETAGS["WARM_UP"]`` is on (see
+    ``ImageTagsConfig.ready``); a site may also call it from its WSGI file or a worker hook.
+    """
+    extractor = get_extractor()
+    extractor.load()
     return extractor
 
 
