@@ -118,11 +118,8 @@ imagetags_settings = ImageTagsSettings()
 
 def _reload(*, setting: str, **kwargs: Any) -> None:
     if setting == "IMAGETAGS":
+        # Extractor instances need no reset: the registry keys them by their configuration.
         imagetags_settings.reload()
-        # The extractor instance depends on these settings too.
-        from imagetags.services.extractors import clear_extractor_cache
-
-        clear_extractor_cache()
 
 
 setting_changed.connect(_reload)

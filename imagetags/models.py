@@ -197,7 +197,6 @@ class StockImage(models.Model):
                     "height",
                 }
         super().save(*args, **kwargs)
-        self._features_outdated = changed
         self._loaded_image_name = str(self.image)
 
     @classmethod

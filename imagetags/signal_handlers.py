@@ -47,7 +47,10 @@ def stock_image_saved(
 ) -> None:
     if raw or not imagetags_settings.AUTO_FEATURES or _suspended.get():
         return
-    if not getattr(instance, "_features_outdated", False):
+    # post_save runs inside Model.save(), before StockImage.save() records the new file name, so
+    # `file_changed` still compares with the name loaded from the database: True for a new row
+    # or a new file, False for an unchanged re-save.
+    if not instance.file_changed:
         return
     image_id = instance.pk
     transaction.on_commit(lambda: enqueue_feature_extraction(image_id), robust=True)

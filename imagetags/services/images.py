@@ -38,19 +38,28 @@ ImageSource = str | os.PathLike | IO[bytes] | Any  # path, open file, Django Fil
 
 
 def file_sha256(source: ImageSource, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, leaving a file object's position at the start."""
+    """SHA-256 of a file's bytes, leaving a file object's position at the start.
+
+    A Django file that was closed is opened for reading and closed again, so hashing on save
+    leaks no file handle.
+    """
     digest = hashlib.sha256()
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as fh:
             for block in iter(lambda: fh.read(chunk_size), b""):
                 digest.update(block)
         return digest.hexdigest()
-    if hasattr(source, "open") and getattr(source, "closed", True):
-        source.open("rb")  # a Django FieldFile that is not open yet
-    source.seek(0)
-    for block in iter(lambda: source.read(chunk_size), b""):
-        digest.update(block)
-    source.seek(0)
+    opened_here = hasattr(source, "open") and getattr(source, "closed", True)
+    if opened_here:
+        source.open("rb")
+    try:
+        source.seek(0)
+        for block in iter(lambda: source.read(chunk_size), b""):
+            digest.update(block)
+        source.seek(0)
+    finally:
+        if opened_here:
+            source.close()
     return digest.hexdigest()
 
 

@@ -24,8 +24,10 @@ def auto_k(n_vectors: int) -> int:
 
     About one cluster per 16 images, at least 2 and at most 150 (the patent's example K).
     Measured on feedme-dev with ``evaluate_suggestions --k-sweep`` (docs/quality.md): P@5 of the
-    cluster method is flat for K between 20 and 40 on ~490 library images, and falls off with
-    fewer than ~10 images per cluster because the per-cluster counts get too thin.
+    cluster method is flat within ±0.02 for K from 5 to 60 on 485 library images, while the
+    number of distinct correct tags grows with K; past ~6 images per cluster the per-cluster
+    counts get thin and P@1 drops. K = n/16 keeps ~16 images per cluster: counts stay robust and
+    the patent's K = 150 is reached at 2,400 images.
     """
     return max(2, min(150, round(n_vectors / 16)))
 
