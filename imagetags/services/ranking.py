@@ -32,6 +32,16 @@ def auto_k(n_vectors: int) -> int:
     return max(2, min(150, round(n_vectors / 16)))
 
 
+def parse_k(value: str) -> int | str:
+    """A command-line K: a whole number or ``"auto"`` (argparse ``type=``)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"K must be a whole number or 'auto', not {value!r}") from None
+
+
 @dataclass
 class ClusteringResult:
     centers: np.ndarray  # (k, d) float32, unit length

@@ -10,19 +10,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.services.evaluation import EvaluationError, run_evaluation
 from imagetags.services.library import ManifestError
-
-
-def _clusters(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"K must be a whole number or 'auto', not {value!r}") from None
+from imagetags.services.ranking import parse_k
 
 
 def _k_list(value: str) -> list[int | str]:
-    return [_clusters(part.strip()) for part in value.split(",") if part.strip()]
+    return [parse_k(part.strip()) for part in value.split(",") if part.strip()]
 
 
 class Command(BaseCommand):
@@ -59,7 +51,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--clusters",
-            type=_clusters,
+            type=parse_k,
             default=None,
             help="K, or 'auto' (about one cluster per 16 library images; "
             "default: IMAGETAGS['CLUSTERING']['K']).",

@@ -10,15 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from imagetags.conf import imagetags_settings
 from imagetags.models import Cluster, ClusterSet
 from imagetags.services.clustering import ClusteringError, rebuild_clusters
-
-
-def _k(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"K must be a whole number or 'auto', not {value!r}") from None
+from imagetags.services.ranking import parse_k
 
 
 class Command(BaseCommand):
@@ -38,7 +30,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--k",
-            type=_k,
+            type=parse_k,
             default=defaults["K"],
             help="Number of clusters, or 'auto' (about one per 16 images; default: %(default)s).",
         )
