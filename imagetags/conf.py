@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     # Upload limits.
     "MAX_UPLOAD_BYTES": 20 * 1024 * 1024,
     "MAX_PIXELS": 40_000_000,
+    "MAX_FILES_PER_POST": 10,
     "ALLOWED_FORMATS": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
     # Where StockImage files go inside the default storage (strftime codes allowed).
     "UPLOAD_TO": "imagetags/%Y/%m/",

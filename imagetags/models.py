@@ -340,3 +340,43 @@ class TagFrequency(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tag} × {self.post_count} in {self.cluster}"
+
+
+class FeedbackChannel(models.TextChoices):
+    WIDGET = "widget", _("upload widget")
+    FORM = "form", _("form without JavaScript")
+    API = "api", _("REST API")
+
+
+class SuggestionFeedback(models.Model):
+    """One suggested tag shown to a person, and whether they took it.
+
+    The acceptance rate per tag and overall is the recommender's real-world precision; the admin
+    shows it and ``evaluate_suggestions --from-feedback`` reports it.
+    """
+
+    post = models.ForeignKey(
+        Post, null=True, blank=True, on_delete=models.SET_NULL, related_name="suggestion_feedback"
+    )
+    tag = models.ForeignKey(Tag, on_delete=models.CASCADE, related_name="suggestion_feedback")
+    accepted = models.BooleanField(_("accepted"))
+    score = models.FloatField(_("score"), null=True, blank=True)
+    rank = models.PositiveSmallIntegerField(_("rank"), null=True, blank=True)
+    cluster_set = models.ForeignKey(
+        ClusterSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    method = models.CharField(_("method"), max_length=32, blank=True)
+    channel = models.CharField(_("channel"), max_length=16, choices=FeedbackChannel.choices)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(_("created"), default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created", "-pk"]
+        verbose_name = _("suggestion feedback")
+        verbose_name_plural = _("suggestion feedback")
+        indexes = [models.Index(fields=["tag", "accepted"])]
+
+    def __str__(self) -> str:
+        return f"{self.tag} {'accepted' if self.accepted else 'rejected'} ({self.channel})"

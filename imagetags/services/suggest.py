@@ -170,3 +170,56 @@ def _suggest_from_cluster(
         similarity=round(similarity, 4),
         extractor=cluster_set.extractor_key,
     )
+
+
+@dataclass(frozen=True)
+class MergedSuggestions:
+    """Suggestions for several images of one post, merged tag by tag."""
+
+    tags: list[SuggestedTag]
+    per_image: list[Suggestions]
+
+    @property
+    def cluster_set(self) -> int | None:
+        return self.per_image[0].cluster_set if self.per_image else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tags": [tag.as_dict() for tag in self.tags],
+            "cluster_set": self.cluster_set,
+            "clusters": [item.cluster for item in self.per_image],
+            "extractor": self.per_image[0].extractor if self.per_image else None,
+        }
+
+
+def merge_suggestions(
+    results: Iterable[Suggestions], limit: int | None = None
+) -> MergedSuggestions:
+    """Merge per-image suggestions: a tag keeps its best score (and that score's evidence), and
+    tags suggested for more of the images come first among equal scores."""
+    results = list(results)
+    best: dict[str, SuggestedTag] = {}
+    votes: dict[str, int] = {}
+    for result in results:
+        for tag in result.tags:
+            votes[tag.name] = votes.get(tag.name, 0) + 1
+            if tag.name not in best or tag.score > best[tag.name].score:
+                best[tag.name] = tag
+    ordered = sorted(best.values(), key=lambda t: (-t.score, -votes[t.name], t.name))
+    limit = imagetags_settings.SUGGEST_LIMIT if limit is None else limit
+    return MergedSuggestions(tags=ordered[:limit], per_image=results)
+
+
+def suggest_many(
+    images: Iterable[StockImage | ImageSource | np.ndarray],
+    *,
+    limit: int | None = None,
+    threshold: float | None = None,
+    exclude: Iterable[str] = (),
+) -> MergedSuggestions:
+    """Suggestions for the images of one post, merged (see :func:`merge_suggestions`)."""
+    exclude = list(exclude)
+    return merge_suggestions(
+        (suggest(image, limit=limit, threshold=threshold, exclude=exclude) for image in images),
+        limit=limit,
+    )
