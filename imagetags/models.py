@@ -247,6 +247,11 @@ class ClusterSet(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     error = models.TextField(_("error"), blank=True)
+    # Where a building set has got to (0..1 and a sentence), for the admin's progress display;
+    # `heartbeat` is touched as the rebuild advances, so a killed one can be told from a slow one.
+    progress = models.FloatField(_("progress"), default=0.0)
+    progress_message = models.CharField(_("progress message"), max_length=300, blank=True)
+    heartbeat = models.DateTimeField(_("heartbeat"), null=True, blank=True)
     created = models.DateTimeField(_("created"), default=timezone.now)
     activated = models.DateTimeField(_("activated"), null=True, blank=True)
 
@@ -267,6 +272,14 @@ class ClusterSet(models.Model):
 
     def __str__(self) -> str:
         return f"Cluster set {self.pk} ({self.status}, K={self.k})"
+
+    def report_progress(self, fraction: float, message: str) -> None:
+        """Record how far a rebuild has got (written at once, outside any open transaction)."""
+        self.progress, self.progress_message = max(0.0, min(1.0, fraction)), message[:300]
+        self.heartbeat = timezone.now()
+        ClusterSet.objects.filter(pk=self.pk).update(
+            progress=self.progress, progress_message=self.progress_message, heartbeat=self.heartbeat
+        )
 
     def activate(self) -> None:
         """Make this set the one suggestions use; retire the previously active one, atomically."""

@@ -76,6 +76,9 @@ def test_rebuild_counts_each_tag_once_per_post(add_post):
 
     assert cluster_set.status == ClusterSetStatus.ACTIVE
     assert (cluster_set.k, cluster_set.n_images, cluster_set.n_posts) == (2, 16, 8)
+    cluster_set.refresh_from_db()
+    assert (cluster_set.progress, cluster_set.progress_message) == (1.0, "Done.")
+    assert cluster_set.heartbeat is not None
     by_size = {c.size: c for c in cluster_set.clusters.all()}
     red, sea = by_size[12], by_size[4]
     assert (red.post_count, sea.post_count) == (4, 4)

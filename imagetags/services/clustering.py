@@ -226,13 +226,16 @@ def rebuild_clusters(
             init_centers=init_centers,
         )
         say(f"Converged after {result.iterations} iterations; counting tags once per post.")
+        cluster_set.report_progress(0.6, f"Clustered in {result.iterations} iterations.")
         post_counts, frequencies = ranking.count_tag_frequencies(
             result.labels,
             library.post_ids.tolist(),
             _post_tags(imagetags_settings.COUNTED_TAG_SOURCES),
             result.k,
         )
+        cluster_set.report_progress(0.7, "Writing clusters, members and tag frequencies.")
         _write_cluster_rows(cluster_set, library, result, post_counts, frequencies)
+        cluster_set.progress, cluster_set.progress_message = 1.0, "Done."
         cluster_set.k = result.k
         cluster_set.n_posts = len(set(library.post_ids.tolist()))
         cluster_set.iterations = result.iterations
@@ -240,7 +243,16 @@ def rebuild_clusters(
         cluster_set.params = result.params
         cluster_set.duration_seconds = time.perf_counter() - started
         cluster_set.save(
-            update_fields=["k", "n_posts", "iterations", "inertia", "params", "duration_seconds"]
+            update_fields=[
+                "k",
+                "n_posts",
+                "iterations",
+                "inertia",
+                "params",
+                "duration_seconds",
+                "progress",
+                "progress_message",
+            ]
         )
         cluster_set.activate()
     except Exception as exc:
