@@ -12,16 +12,19 @@ if [ -z "${IMAGETAGS_EXTRACTOR:-}" ]; then
   if timeout 120 python -c "import keras; keras.applications.VGG16(include_top=False, weights='imagenet')" >/dev/null 2>&1; then
     IMAGETAGS_EXTRACTOR="vgg16:imagenet"
   elif [ -f "$SHARED_MODEL" ]; then
-    echo "   ImageNet VGG16 weights could not be downloaded (no internet?); using the TFLite MobileNetV2 at $SHARED_MODEL."
+    IMAGETAGS_DEMO_EXTRACTOR_NOTE="ImageNet VGG16 weights could not be downloaded (no internet?), so the demo uses the TFLite MobileNetV2 at $SHARED_MODEL instead."
+    echo "   $IMAGETAGS_DEMO_EXTRACTOR_NOTE"
     IMAGETAGS_EXTRACTOR="tflite:$(cd "$(dirname "$SHARED_MODEL")" && pwd)/$(basename "$SHARED_MODEL")"
   else
+    IMAGETAGS_DEMO_EXTRACTOR_NOTE="ImageNet VGG16 weights could not be downloaded (no internet?) and no TFLite model was found, so the demo runs with random weights."
     echo "   !! ImageNet VGG16 weights could not be downloaded and no TFLite model was found."
     echo "   !! Running with RANDOM weights: the demo works, but suggestions are NOT meaningful."
     echo "   !! Set IMAGETAGS_EXTRACTOR=vgg16:/path/to/weights.h5 or tflite:/path/to/model.tflite."
     IMAGETAGS_EXTRACTOR="vgg16:random"
   fi
 fi
-export IMAGETAGS_EXTRACTOR
+# The pages say the same as the console (demo_site/settings.py: DEMO_EXTRACTOR_NOTE).
+export IMAGETAGS_EXTRACTOR IMAGETAGS_DEMO_EXTRACTOR_NOTE="${IMAGETAGS_DEMO_EXTRACTOR_NOTE:-}"
 echo "== Extractor: $IMAGETAGS_EXTRACTOR"
 
 python manage.py migrate --noinput -v 0
@@ -45,5 +48,6 @@ WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true' EXIT INT TERM
 echo
 echo "== Demo running at http://127.0.0.1:$PORT/  (admin: http://127.0.0.1:$PORT/admin/  login admin / admin)"
+echo "   Upload page with tag suggestions: http://127.0.0.1:$PORT/upload/"
 echo "   A django-q2 worker (pid $WORKER) computes features of new uploads. Ctrl-C stops both."
 python manage.py runserver "127.0.0.1:$PORT"

@@ -7,11 +7,14 @@ Environment variables:
 - ``IMAGETAGS_DEMO_DB``: the SQLite file (default ``demo.sqlite3`` beside manage.py).
 - ``IMAGETAGS_DEMO_MEDIA``: where uploads go (default ``demo_media/``).
 - ``DJANGO_DEBUG``: ``0`` to turn debug off.
+- ``IMAGETAGS_DEMO_EXTRACTOR_NOTE``: a sentence run_demo.sh sets when it could not use the
+  ImageNet weights (why, and what it uses instead); the gallery pages show it.
 """
 
 import os
 from pathlib import Path
 
+import imagetags.api as imagetags_api
 from imagetags.services.extractors import extractor_config_from_spec
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -29,6 +32,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_q",
     "imagetags",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "demo_site.gallery",
 ]
 
@@ -80,6 +86,8 @@ STATIC_ROOT = BASE_DIR / "demo_static"
 MEDIA_URL = "/media/"
 MEDIA_ROOT = os.environ.get("IMAGETAGS_DEMO_MEDIA", str(BASE_DIR / "demo_media"))
 LOGIN_URL = "admin:login"
+# Why the demo is not using ImageNet weights, if it is not (set by run_demo.sh; shown on the pages).
+DEMO_EXTRACTOR_NOTE = os.environ.get("IMAGETAGS_DEMO_EXTRACTOR_NOTE", "")
 
 # Embedded default broker: django-q2 keeps its queue in the database itself.
 Q_CLUSTER = {
@@ -97,3 +105,8 @@ IMAGETAGS = {
         os.environ.get("IMAGETAGS_EXTRACTOR", "vgg16:imagenet")
     ),
 }
+
+# The REST API (imagetags.api) and its OpenAPI schema; Swagger UI's files come from the sidecar
+# package, so the UI works without a CDN.
+REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
+SPECTACULAR_SETTINGS = imagetags_api.SPECTACULAR_SETTINGS

@@ -51,6 +51,20 @@ DEFAULTS: dict[str, Any] = {
     "SUGGEST_LIMIT": 10,
     # ... and only tags on at least this share of the nearest cluster's posts (None: no floor).
     "SUGGEST_THRESHOLD": None,
+    # How suggest() ranks tags: "ivf" (neighbour voting over the members of the nearest clusters,
+    # the measured best, docs/quality.md) or "cluster" (the patent: the nearest cluster's tags).
+    "SUGGEST_METHOD": "ivf",
+    # Neighbour voting ("ivf"): how many distinct voters, similarity weighting exp((s - s_top) / T)
+    # (None: equal votes), one vote per "post" or per "owner" (uploader), how much of a tag's
+    # library-wide share is subtracted (0 = none, 1 = TagVote's full prior), and how many nearest
+    # clusters are searched (None: all, exact). Chosen by `evaluate_suggestions --tune`.
+    "VOTING": {
+        "NEIGHBOURS": 20,
+        "TEMPERATURE": 0.05,
+        "VOTE_BY": "post",
+        "PRIOR_WEIGHT": 0.1,
+        "PROBES": 6,
+    },
     # Tag sources counted into cluster tag frequencies. Auto-applied tags are left out by default
     # so that the recommender does not learn from its own unreviewed output.
     "COUNTED_TAG_SOURCES": ["typed", "suggested", "imported"],
@@ -67,11 +81,37 @@ DEFAULTS: dict[str, Any] = {
     "UPLOAD_TO": "imagetags/%Y/%m/",
     # Load the extractor when a worker or web process starts, so the first request does not pay.
     "WARM_UP": False,
+    # Upload widget and form (imagetags.forms, imagetags.views): the upload page and the
+    # suggestions JSON view need a logged-in user.
+    "LOGIN_REQUIRED": True,
+    # The form's no-JavaScript path keeps uploaded files here (default storage) between its two
+    # steps; files older than PENDING_UPLOAD_MAX_AGE seconds are deleted at the next upload.
+    "PENDING_UPLOAD_TO": "imagetags/pending/",
+    "PENDING_UPLOAD_MAX_AGE": 3600,
+    # REST API (imagetags.api, needs the `api` extra). Dotted paths, imported when a request
+    # comes in. Authentication None: the site's REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
+    "API_AUTHENTICATION_CLASSES": None,
+    "API_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "API_THROTTLE_CLASSES": ["imagetags.api.throttling.ImageTagsRateThrottle"],
+    # Requests per user (or per IP for anonymous clients) in the throttle scope "imagetags";
+    # "N/s", "N/min", "N/hour" or "N/day"; None: unlimited.
+    "API_THROTTLE_RATE": "60/min",
+    # Items per page of the list endpoints (a client may ask for up to 10× with ?page_size=).
+    "API_PAGE_SIZE": 50,
+    # Storage of feature vectors (services.vectors): "float32", or "float16" (half the bytes;
+    # rows of either format are always readable, so switching needs no migration).
+    "VECTOR_DTYPE": "float32",
+    # A rebuild holds the library's vectors in memory up to this size (float32 MB); larger
+    # libraries (e.g. 1M images, or `flatten` pooling) are clustered by streaming chunks.
+    "REBUILD_MEMORY_MB": 1024,
+    # Threads k-means may use in a rebuild (None: all cores). One is the safe default on shared
+    # machines: scikit-learn's spinning threads ran 6× slower than one thread on busy cores.
+    "REBUILD_THREADS": 1,
 }
 
 # Keys whose values are dicts: a site's partial dict is merged over the default one, so
 # IMAGETAGS = {"CLUSTERING": {"K": 40}} keeps the other clustering defaults.
-_MERGED_DICTS = ("CLUSTERING", "EXTRACTOR_BACKENDS")
+_MERGED_DICTS = ("CLUSTERING", "EXTRACTOR_BACKENDS", "VOTING")
 
 
 class ImageTagsSettings:

@@ -119,12 +119,34 @@ class FeatureStatus(models.TextChoices):
     STALE = "stale", _("stale (extractor changed)")
 
 
+# Longest stored base name, in UTF-8 bytes: file systems refuse names over 255 bytes, and the
+# storage may still add a suffix to make a name unique.
+UPLOAD_NAME_MAX_BYTES = 120
+
+
 def stock_image_upload_to(instance: StockImage, filename: str) -> str:
     from imagetags.conf import imagetags_settings
 
-    # Only the base name: a client-supplied "../x.jpg" or "/etc/x.jpg" must not pick the folder.
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1].replace("\x00", "") or "image"
-    return timezone.now().strftime(imagetags_settings.UPLOAD_TO) + name
+    return timezone.now().strftime(imagetags_settings.UPLOAD_TO) + safe_upload_name(filename)
+
+
+def safe_upload_name(filename: str) -> str:
+    """The base name a client-supplied file name is stored under.
+
+    Only the last path component counts: ``"../x.jpg"`` or ``"/etc/x.jpg"`` must not pick the
+    folder. NUL bytes and leading dots go (``".."`` must not fail the save, ``".htaccess"`` must
+    not land as a hidden file), and long names are shortened, keeping their extension.
+    """
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].replace("\x00", "")
+    name = name.strip().lstrip(".").strip()
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        stem, suffix = name, ""
+    suffix = suffix[:16]
+    budget = UPLOAD_NAME_MAX_BYTES - len(suffix.encode()) - 1
+    stem = stem.encode()[:budget].decode("utf-8", "ignore").strip()
+    name = f"{stem}.{suffix}" if stem and suffix else stem
+    return name or "image"
 
 
 class StockImage(models.Model):
@@ -393,3 +415,29 @@ class SuggestionFeedback(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tag} {'accepted' if self.accepted else 'rejected'} ({self.channel})"
+
+
+class RebuildLock(models.Model):
+    """Who is rebuilding the clusters right now, on databases without advisory locks (SQLite).
+
+    The row exists only while a rebuild runs; its primary key makes taking it atomic. A rebuild
+    that was killed leaves its row behind, and the next one takes it over once the owner is
+    known to be dead (see ``services/locks.py``). PostgreSQL uses an advisory lock instead, which
+    the server itself releases when the owner's connection goes away.
+    """
+
+    name = models.CharField(_("name"), max_length=64, primary_key=True)
+    # "<host>:<pid>:<token>", so that a dead owner on this host can be recognised at once.
+    owner = models.CharField(_("owner"), max_length=200)
+    acquired = models.DateTimeField(_("acquired"), default=timezone.now)
+    # The set being built, whose heartbeat tells a slow rebuild from a dead one.
+    cluster_set = models.ForeignKey(
+        ClusterSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        verbose_name = _("rebuild lock")
+        verbose_name_plural = _("rebuild locks")
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.owner}"

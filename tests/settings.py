@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import imagetags.api as imagetags_api
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = "imagetags-tests-not-secret"
 DEBUG = False
@@ -24,6 +26,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_q",
     "imagetags",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -50,6 +55,8 @@ TEMPLATES = [
 
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"
+# The upload page (imagetags:upload) sends anonymous visitors to the admin's login form.
+LOGIN_URL = "admin:login"
 
 _TEST_DB = os.environ.get(
     "IMAGETAGS_TEST_DB",
@@ -64,6 +71,33 @@ DATABASES = {
         "TEST": {"NAME": _TEST_DB},
     }
 }
+
+# The production stack (README, "Deployment"): IMAGETAGS_TEST_DATABASE_URL runs the suite on
+# PostgreSQL, e.g. postgresql://imagetags:secret@127.0.0.1:5432/imagetags (pytest-django creates
+# and drops test_<name>). A worker subprocess is pointed at that test database by IMAGETAGS_TEST_DB,
+# as it is at the SQLite file otherwise.
+_DATABASE_URL = os.environ.get("IMAGETAGS_TEST_DATABASE_URL", "")
+if _DATABASE_URL:
+    from urllib.parse import unquote, urlsplit
+
+    _url = urlsplit(_DATABASE_URL)
+    if _url.scheme not in ("postgres", "postgresql") or not _url.path.strip("/"):
+        raise ValueError(
+            "IMAGETAGS_TEST_DATABASE_URL must look like "
+            f"postgresql://user:password@host:port/dbname, not {_DATABASE_URL!r}"
+        )
+    _name = unquote(_url.path.strip("/"))
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("IMAGETAGS_TEST_DB", _name),
+            "USER": unquote(_url.username or ""),
+            "PASSWORD": unquote(_url.password or ""),
+            "HOST": _url.hostname or "",
+            "PORT": str(_url.port or ""),
+            "TEST": {"NAME": f"test_{_name}"},
+        }
+    }
 
 MEDIA_ROOT = os.environ.get(
     "IMAGETAGS_TEST_MEDIA", os.path.join(tempfile.gettempdir(), "imagetags-test-media")
@@ -85,6 +119,17 @@ Q_CLUSTER = {
     "catch_up": False,
     "poll": 0.2,
 }
+# IMAGETAGS_TEST_REDIS (e.g. redis://127.0.0.1:6379/0) swaps the ORM broker for django-q2's Redis
+# broker, as a scale-out site runs it. IMAGETAGS_TEST_Q_NAME names the queue, so a test and the
+# workers it starts agree on it; IMAGETAGS_TEST_Q_RETRY shortens the ORM broker's redelivery.
+if os.environ.get("IMAGETAGS_TEST_REDIS"):
+    del Q_CLUSTER["orm"]
+    Q_CLUSTER["redis"] = os.environ["IMAGETAGS_TEST_REDIS"]
+if os.environ.get("IMAGETAGS_TEST_Q_NAME"):
+    Q_CLUSTER["name"] = os.environ["IMAGETAGS_TEST_Q_NAME"]
+if os.environ.get("IMAGETAGS_TEST_Q_RETRY"):
+    Q_CLUSTER["retry"] = int(os.environ["IMAGETAGS_TEST_Q_RETRY"])
+    Q_CLUSTER["timeout"] = min(Q_CLUSTER["timeout"], Q_CLUSTER["retry"] - 1)
 
 
 def _extractor() -> dict:
@@ -98,5 +143,10 @@ def _extractor() -> dict:
 
 
 IMAGETAGS = {"EXTRACTOR": _extractor()}
+
+# The REST API (imagetags.api) and its OpenAPI schema; Swagger UI's files come from the sidecar
+# package, so the UI works without a CDN.
+REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
+SPECTACULAR_SETTINGS = imagetags_api.SPECTACULAR_SETTINGS
 
 LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -17,6 +17,12 @@ from imagetags.services.suggest import ExtractorMismatch, NoActiveClusters, sugg
 from .conftest import image_bytes, unit
 
 
+@pytest.fixture(autouse=True)
+def patent_method(settings):
+    """These tests pin the patent's nearest-cluster ranking; other methods: test_suggest_methods."""
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "SUGGEST_METHOD": "cluster"}
+
+
 @pytest.fixture
 def two_topics(add_post):
     """Axis 0: cakes (3 posts), axis 1: soups (4 posts); "food" everywhere."""

@@ -8,12 +8,14 @@ or killed rebuild therefore leaves the previously active set serving.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from django.db import transaction
@@ -31,6 +33,10 @@ from imagetags.models import (
     TagFrequency,
 )
 from imagetags.services import ranking, vectors
+from imagetags.services.vectors import l2_normalize
+
+if TYPE_CHECKING:
+    from imagetags.services.locks import RebuildLease
 
 logger = logging.getLogger(__name__)
 
@@ -67,35 +73,79 @@ def read_library_vectors(
     chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> LibraryVectors:
-    """All READY vectors of one extractor, read in chunks into one preallocated array."""
-    chunk_size = chunk_size or imagetags_settings.CHUNK_SIZE
+    """All READY vectors of one extractor, read in chunks into one preallocated array.
+
+    Each chunk of rows is decoded in one NumPy step straight into its slice of the library
+    matrix (``vectors.stack(out=...)``), so the library is held once, as float32.
+    """
     queryset = _ready_images(extractor_key)
-    count = queryset.count()
-    if count == 0:
-        raise ClusteringError(_no_vectors_message(extractor_key))
-    first = queryset.values_list("vector", flat=True).first()
-    dim = vectors.from_bytes(first).shape[0]
+    count, dim = library_shape(extractor_key)
+    chunk_size = rows_per_read(dim, chunk_size)
     image_ids = np.empty(count, dtype=np.int64)
     post_ids = np.empty(count, dtype=np.int64)
     matrix = np.empty((count, dim), dtype=np.float32)
     n = 0
     rows = queryset.values_list("pk", "post_id", "vector").iterator(chunk_size=chunk_size)
-    for pk, post_id, data in rows:
-        if n >= count:  # rows added since count(): leave them to the freshness path
+    for chunk in _batched(rows, chunk_size):
+        chunk = chunk[: count - n]  # rows added since count(): leave them to the freshness path
+        if not chunk:
             break
-        vec = vectors.from_bytes(data)
-        if vec.shape[0] != dim:
-            raise ClusteringError(
-                f"Image {pk} has a {vec.shape[0]}-d vector but others have {dim} under the same "
-                f"extractor key {extractor_key!r}; run `manage.py compute_features --all`."
-            )
-        image_ids[n], post_ids[n], matrix[n] = pk, post_id, vec
-        n += 1
-        if progress and n % chunk_size == 0:
+        _stack_rows(chunk, dim, extractor_key, out=matrix[n : n + len(chunk)])
+        image_ids[n : n + len(chunk)] = [row[0] for row in chunk]
+        post_ids[n : n + len(chunk)] = [row[1] for row in chunk]
+        n += len(chunk)
+        if progress and n < count:
             progress(n)
     if progress:
         progress(n)
     return LibraryVectors(image_ids[:n], post_ids[:n], matrix[:n], extractor_key)
+
+
+def rows_per_read(dim: int, chunk_size: int | None = None) -> int:
+    """Rows per database read: ``CHUNK_SIZE``, fewer for wide vectors, so that one read holds
+    at most ~64 MB of float32 (a `flatten` vector is 401 KB: 163 rows, not 5,000)."""
+    chunk_size = chunk_size or imagetags_settings.CHUNK_SIZE
+    return max(1, min(chunk_size, READ_CHUNK_BYTES // (4 * dim)))
+
+
+def library_shape(extractor_key: str) -> tuple[int, int]:
+    """(number of READY vectors, their dimensions) for one extractor, without reading them all.
+
+    Raises :class:`ClusteringError` with what to do when there are none.
+    """
+    queryset = _ready_images(extractor_key)
+    count = queryset.count()
+    first = queryset.values_list("vector", flat=True).first() if count else None
+    if first is None:
+        raise ClusteringError(_no_vectors_message(extractor_key))
+    return count, vectors.stored_dim(first)
+
+
+def _batched(rows: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stack_rows(rows: Sequence[tuple], dim: int, extractor_key: str, out: np.ndarray) -> None:
+    """Decode the vector (last field) of database rows into ``out``; a row of another
+    dimension raises :class:`ClusteringError` naming the image."""
+    try:
+        vectors.stack([row[-1] for row in rows], dim, out=out)
+    except ValueError:
+        for row in rows:
+            found = vectors.stored_dim(row[-1])
+            if found != dim:
+                raise ClusteringError(
+                    f"Image {row[0]} has a {found}-d vector but others have {dim} under the "
+                    f"same extractor key {extractor_key!r}; run `manage.py compute_features --all`."
+                ) from None
+        raise
 
 
 def _no_vectors_message(extractor_key: str) -> str:
@@ -150,7 +200,42 @@ def rebuild_clusters(
 
     Raises :class:`ClusteringError` (nothing written, the active set untouched) when there are no
     vectors for the current extractor, fewer vectors than K, or a warm start is impossible.
+
+    One rebuild runs at a time: while another holds the lock (``services.locks``), this raises
+    ``locks.RebuildInProgress`` (a ClusteringError) before doing anything. A set left
+    ``building`` by a rebuild that was killed is marked failed and its partial rows are deleted.
     """
+    from imagetags.services.locks import cleanup_abandoned_sets, rebuild_lock
+
+    with rebuild_lock() as lease:
+        abandoned = cleanup_abandoned_sets()
+        if abandoned and progress:
+            progress(f"Cleaned up half-built cluster set(s) {abandoned} of a rebuild that died.")
+        return _rebuild_clusters(
+            lease,
+            algorithm=algorithm,
+            k=k,
+            batch_size=batch_size,
+            max_iter=max_iter,
+            tol=tol,
+            seed=seed,
+            warm_start=warm_start,
+            progress=progress,
+        )
+
+
+def _rebuild_clusters(
+    lease: RebuildLease,
+    *,
+    algorithm: str | None,
+    k: int | str | None,
+    batch_size: int | None,
+    max_iter: int | None,
+    tol: float | None,
+    seed: int | None,
+    warm_start: bool,
+    progress: Progress | None,
+) -> ClusterSet:
     say = progress or (lambda message: None)
     defaults = imagetags_settings.CLUSTERING
     algorithm = algorithm or defaults["ALGORITHM"]
@@ -170,8 +255,12 @@ def rebuild_clusters(
     stale = mark_stale(extractor_key)
     if stale:
         say(f"{stale} vectors of an older extractor marked stale (they are left out).")
-    library = read_library_vectors(extractor_key)
-    n = library.vectors.shape[0]
+    n, dim = library_shape(extractor_key)
+    # A library too large for REBUILD_MEMORY_MB is never loaded whole: mini-batch k-means then
+    # streams it from the database in chunks (see _fit_streaming).
+    streamed = algorithm == "minibatch" and not fits_in_memory(n, dim)
+    library = _library_ids(extractor_key, dim) if streamed else read_library_vectors(extractor_key)
+    n = len(library.image_ids)
 
     init_centers = None
     previous = None
@@ -207,24 +296,39 @@ def rebuild_clusters(
         extractor_key=extractor_key,
         algorithm=algorithm,
         k=k_value,
-        dim=library.vectors.shape[1],
+        dim=dim,
         n_images=n,
         warm_started_from=previous,
     )
+    lease.attach(cluster_set)
     try:
         say(
-            f"Clustering {n} vectors ({library.vectors.shape[1]}-d) into K={k_value} with {algorithm}."
+            f"Clustering {n} vectors ({dim}-d) into K={k_value} with {algorithm}"
+            + (", streamed from the database in chunks." if streamed else ".")
         )
-        result = ranking.fit_clusters(
-            library.vectors,
-            k_value,
-            algorithm=algorithm,
-            batch_size=batch_size,
-            max_iter=max_iter,
-            tol=tol,
-            seed=seed,
-            init_centers=init_centers,
-        )
+        with rebuild_thread_limit():
+            if streamed:
+                result, library = _fit_streaming(
+                    library,
+                    k_value,
+                    batch_size=batch_size,
+                    max_iter=max_iter,
+                    tol=tol,
+                    seed=seed,
+                    init_centers=init_centers,
+                    cluster_set=cluster_set,
+                )
+            else:
+                result = ranking.fit_clusters(
+                    library.vectors,
+                    k_value,
+                    algorithm=algorithm,
+                    batch_size=batch_size,
+                    max_iter=max_iter,
+                    tol=tol,
+                    seed=seed,
+                    init_centers=init_centers,
+                )
         say(f"Converged after {result.iterations} iterations; counting tags once per post.")
         cluster_set.report_progress(0.6, f"Clustered in {result.iterations} iterations.")
         post_counts, frequencies = ranking.count_tag_frequencies(
@@ -321,6 +425,226 @@ def _write_cluster_rows(
         ],
         batch_size=chunk,
     )
+
+
+# --- streaming rebuilds ----------------------------------------------------------------------
+#
+# A library whose float32 vectors exceed REBUILD_MEMORY_MB (a million 512-d images, or a few
+# thousand in `flatten` mode at 401 KB each) is never loaded whole. Mini-batch k-means is fed
+# chunks read from the database instead (MiniBatchKMeans.partial_fit): k-means++ on a random
+# sample, then epochs over the library in random chunks until the objective stops improving,
+# then one pass in primary-key order assigns every image to its nearest centre. Memory is a few
+# chunks plus K centres plus four numbers per image, whatever the library size.
+
+# An epoch whose mean cosine to the nearest centre improved by less than this share ends the fit.
+# Measured on a synthetic 10,000 × 512-d library (bench/rebuild_worker.py): 0.372, 0.429, 0.435,
+# 0.438, 0.439 ... after epochs 1-5; the in-memory fit reaches 0.436. So four epochs, typically.
+STREAM_MIN_IMPROVEMENT = 1e-2
+STREAM_MAX_EPOCHS = 20
+# k-means++ restarts on the sample (the in-memory path's n_init).
+STREAM_INIT_RESTARTS = 3
+# Most float32 bytes one database read decodes at once (see rows_per_read).
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+def rebuild_thread_limit() -> contextlib.AbstractContextManager:
+    """Limit k-means' OpenMP and BLAS threads to ``REBUILD_THREADS`` (``None``: no limit).
+
+    scikit-learn's k-means spins its threads while waiting; on a machine whose cores are busy
+    with other work (web, workers, other tenants) two threads ran 6× slower than one here.
+    """
+    threads = imagetags_settings.REBUILD_THREADS
+    if threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=int(threads))
+
+
+def fits_in_memory(n_vectors: int, dim: int) -> bool:
+    """Whether a rebuild may hold ``n_vectors`` float32 vectors at once (``REBUILD_MEMORY_MB``)."""
+    return n_vectors * dim * 4 <= _memory_budget_bytes()
+
+
+def _memory_budget_bytes() -> int:
+    return int(float(imagetags_settings.REBUILD_MEMORY_MB) * 2**20)
+
+
+def _library_ids(extractor_key: str, dim: int) -> LibraryVectors:
+    """Ids and posts of the READY vectors, without the vectors (``vectors`` is (0, dim))."""
+    pairs = np.fromiter(
+        (
+            value
+            for row in _ready_images(extractor_key)
+            .values_list("pk", "post_id")
+            .iterator(chunk_size=imagetags_settings.CHUNK_SIZE)
+            for value in row
+        ),
+        dtype=np.int64,
+    ).reshape(-1, 2)
+    return LibraryVectors(
+        image_ids=pairs[:, 0].copy(),
+        post_ids=pairs[:, 1].copy(),
+        vectors=np.empty((0, dim), dtype=np.float32),
+        extractor_key=extractor_key,
+    )
+
+
+def read_vectors_by_id(
+    extractor_key: str, image_ids: np.ndarray, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids found, their (n, dim) vectors) for sorted ``image_ids``, READY under the key.
+
+    One query per :func:`rows_per_read` ids (SQLite limits the parameters of a statement, and
+    a read must not hold gigabytes of blobs), each decoded in one step into the result.
+    """
+    step = rows_per_read(dim)
+    found = np.empty(len(image_ids), dtype=np.int64)
+    matrix = np.empty((len(image_ids), dim), dtype=np.float32)
+    n = 0
+    for start in range(0, len(image_ids), step):
+        part = [int(pk) for pk in image_ids[start : start + step]]
+        rows = list(_ready_images(extractor_key).filter(pk__in=part).values_list("pk", "vector"))
+        if rows:
+            _stack_rows(rows, dim, extractor_key, out=matrix[n : n + len(rows)])
+            found[n : n + len(rows)] = [row[0] for row in rows]
+            n += len(rows)
+    return found[:n], matrix[:n]
+
+
+def _fit_streaming(
+    library: LibraryVectors,
+    k: int,
+    *,
+    batch_size: int,
+    max_iter: int,
+    tol: float,
+    seed: int,
+    init_centers: np.ndarray | None,
+    cluster_set: ClusterSet,
+) -> tuple[ranking.ClusteringResult, LibraryVectors]:
+    """Mini-batch k-means over chunks read from the database; returns the result in the shape
+    ``ranking.fit_clusters`` gives (unit centres, every image on its most cosine-similar
+    centre, empty clusters dropped) and the library without images that vanished meanwhile."""
+    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+
+    started = time.perf_counter()
+    key = library.extractor_key
+    dim = library.vectors.shape[1]
+    n = len(library.image_ids)
+    budget_rows = max(1, _memory_budget_bytes() // (dim * 4))
+    # A chunk is one mini-batch; a quarter of the budget leaves room for the decoding buffers.
+    chunk_rows = max(k, min(batch_size, budget_rows // 4))
+    rng = np.random.default_rng(seed)
+
+    if init_centers is None:
+        # k-means++ on a random sample (as large as half the budget allows, up to
+        # MiniBatchKMeans' own init size of 3 mini-batches), best of a few restarts.
+        size = min(n, max(3 * k, min(3 * batch_size, budget_rows // 2)))
+        _ids, sample = read_vectors_by_id(
+            key, np.sort(rng.choice(library.image_ids, size, replace=False)), dim
+        )
+        if len(sample) < k:
+            raise ClusteringError(f"Only {len(sample)} vectors could be read for K={k}.")
+        best = -np.inf
+        for restart in range(STREAM_INIT_RESTARTS):
+            candidate, _indexes = kmeans_plusplus(sample, k, random_state=seed + restart)
+            score = float(_mean_best_similarity(sample, l2_normalize(candidate)))
+            if score > best:
+                best, init = score, candidate
+        del sample
+    else:
+        init = init_centers
+    model = MiniBatchKMeans(
+        n_clusters=k,
+        init=l2_normalize(init),
+        n_init=1,
+        batch_size=chunk_rows,
+        random_state=seed,
+        compute_labels=False,
+    )
+    previous = -np.inf
+    epochs = 0
+    for epochs in range(1, min(max_iter, STREAM_MAX_EPOCHS) + 1):
+        order = rng.permutation(library.image_ids)
+        total, seen = 0.0, 0
+        for start in range(0, n, chunk_rows):
+            _ids, chunk = read_vectors_by_id(key, np.sort(order[start : start + chunk_rows]), dim)
+            if len(chunk) == 0 or (not hasattr(model, "cluster_centers_") and len(chunk) < k):
+                continue
+            if hasattr(model, "cluster_centers_"):  # the objective before this step
+                total += float(_mean_best_similarity(chunk, model.cluster_centers_)) * len(chunk)
+                seen += len(chunk)
+            model.partial_fit(chunk)
+            # Spherical k-means: centres back on the unit sphere after every step. Assignment
+            # is by cosine (as suggestions are made); plain Euclidean mini-batch steps on unit
+            # vectors let a centre shrink toward the origin and swallow every image that has no
+            # close centre (measured: mean cosine to the centre 0.23 instead of 0.43).
+            centers = model.cluster_centers_
+            norms = np.linalg.norm(centers, axis=1, keepdims=True)
+            np.divide(centers, norms, out=centers, where=norms > 0)
+        mean = total / seen if seen else -np.inf
+        cluster_set.report_progress(
+            min(0.55, 0.05 + 0.1 * epochs), f"Epoch {epochs}: mean cosine to centre {mean:.4f}."
+        )
+        if seen and mean - previous < STREAM_MIN_IMPROVEMENT * abs(mean):
+            break
+        previous = max(previous, mean)
+
+    centers = l2_normalize(model.cluster_centers_)
+    labels = np.full(n, -1, dtype=np.int64)
+    sims = np.zeros(n, dtype=np.float32)
+    chunk_size = rows_per_read(dim)
+    rows = _ready_images(key).values_list("pk", "vector").iterator(chunk_size=chunk_size)
+    for chunk in _batched(rows, chunk_size):
+        pks = np.fromiter((row[0] for row in chunk), dtype=np.int64, count=len(chunk))
+        positions = np.searchsorted(library.image_ids, pks).clip(max=n - 1)
+        known = library.image_ids[positions] == pks  # rows added since the snapshot are left out
+        matrix = np.empty((len(chunk), dim), dtype=np.float32)
+        _stack_rows(chunk, dim, key, out=matrix)
+        chunk_labels, chunk_sims = ranking.nearest_centers(matrix[known], centers)
+        labels[positions[known]] = chunk_labels
+        sims[positions[known]] = chunk_sims
+    kept = labels >= 0  # images deleted or re-embedded since the snapshot are left out
+    if not kept.all():
+        library = LibraryVectors(
+            library.image_ids[kept], library.post_ids[kept], library.vectors, key
+        )
+        labels, sims = labels[kept], sims[kept]
+    used = np.unique(labels)
+    if used.shape[0] < centers.shape[0]:
+        remap = np.full(centers.shape[0], -1, dtype=np.int64)
+        remap[used] = np.arange(used.shape[0])
+        centers, labels = centers[used], remap[labels]
+    result = ranking.ClusteringResult(
+        centers=np.ascontiguousarray(centers, dtype=np.float32),
+        labels=labels,
+        similarities=sims,
+        # Unit vectors and unit centres: squared distance = 2 - 2 cos.
+        inertia=float(np.sum(2.0 - 2.0 * sims.astype(np.float64))),
+        iterations=epochs,
+        algorithm="minibatch",
+        seconds=time.perf_counter() - started,
+        params={
+            "k_requested": k,
+            "batch_size": chunk_rows,
+            "max_iter": max_iter,
+            "tol": tol,
+            "seed": seed,
+            "warm_start": init_centers is not None,
+            "streamed": True,
+            "epochs": epochs,
+        },
+    )
+    return result, library
+
+
+def _mean_best_similarity(matrix: np.ndarray, centers: np.ndarray) -> float:
+    """Mean cosine of unit rows to their most similar unit centre (chunked)."""
+    total = 0.0
+    for start in range(0, len(matrix), 4096):
+        total += float((matrix[start : start + 4096] @ centers.T).max(axis=1).sum())
+    return total / max(len(matrix), 1)
 
 
 # The active set's centres, kept per process: suggestions compare a query with every centre, and

@@ -2,16 +2,22 @@
 
 The library and the queries are read with the import's parser (``library.parse_manifest``),
 opened with the upload rules (``images.open_image``), embedded with a real extractor, clustered
-with ``ranking.fit_clusters``, counted with ``ranking.count_tag_frequencies`` and ranked with
-``ranking.rank_cluster_tags`` / ``ranking.popularity_ranking``: the functions that serve the site's
-suggestions, so the numbers describe the serving code. Nothing is read from or written to the
-site's database or media storage; the only file written is the optional vector cache.
+with ``ranking.fit_clusters``, counted with ``ranking.count_tag_frequencies`` and ranked by every
+method in ``METHODS``: ``popularity`` (``ranking.popularity_ranking``), the patent's ``cluster``
+(``ranking.rank_cluster_tags``), exact ``knn`` voting, and the ``VOTING`` setting's neighbour
+voting over the whole library (``vote``) or over the inverted file of the nearest clusters
+(``ivf``, ``ranking.InvertedLists``, ``nearest_voters``, ``neighbour_votes``, ``rank_votes``):
+the functions that serve the site's suggestions, so the numbers describe the serving code.
+Nothing is read from or written to the site's database or media storage; the only file written
+is the optional vector cache.
 
-Protocol (docs/quality.md): split by *post*, so the images of one post are never on both sides;
-images byte-identical to an earlier one are dropped, as ``import_library`` skips them; query images
-whose post has no tags are not scored (counted separately); untagged library images still take
-part in clustering. Metrics per method: P@1, P@3, P@k, R@k, the number of *distinct* tags
-suggested correctly at least once, and the mean ranking time per query (extraction excluded).
+Protocol (docs/quality.md): split by *post* (one hold-out split, or F folds in which every post is
+a query once), so the images of one post are never on both sides; images byte-identical to an
+earlier one are dropped, as ``import_library`` skips them; query images whose post has no tags are
+not scored (counted separately); untagged library images still take part in clustering. Metrics
+per method: P@1, P@3, P@k, R@k, the number of *distinct* tags suggested correctly at least once,
+and the mean ranking time per query (extraction excluded). ``tune_parameters`` chooses parameters
+by cross-validation inside a library only; ``run_tuning`` nests it in the outer folds.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +46,6 @@ from imagetags.services.library import (
     post_tags,
 )
 
-#: The method ``suggest()`` serves; reported as ``"default"``.
-DEFAULT_METHOD = "cluster"
 METHODS = ("popularity", "cluster")
 
 # Called with (images embedded so far, images to embed).
@@ -64,6 +68,8 @@ class ImageSet:
     posts: list[str]  # post of each image (ManifestEntry.post_group)
     post_tags: dict[str, frozenset[str]]  # only posts that have an image here
     vectors: np.ndarray | None = None  # (n, d) unit rows once embedded
+    # Uploader of each post where the manifest names one (Post.external_owner on import).
+    owners: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -78,6 +84,9 @@ class ImageSet:
             posts=posts,
             post_tags={post: self.post_tags[post] for post in dict.fromkeys(posts)},
             vectors=None if self.vectors is None else self.vectors[indexes],
+            owners={
+                post: self.owners[post] for post in dict.fromkeys(posts) if post in self.owners
+            },
         )
 
     def tags_of(self, index: int) -> frozenset[str]:
@@ -127,11 +136,16 @@ def read_image_set(
     # A post's tags are the union over all its valid lines, exactly as the import saves them.
     tags_by_post = {key: frozenset(post_tags(group)) for key, group in group_posts(entries).items()}
     posts = [entry.post_group for entry in kept]
+    owners: dict[str, str] = {}
+    for entry in entries:  # the first owner named on a post's lines, as the import keeps it
+        if entry.ok and entry.owner and entry.post_group not in owners:
+            owners[entry.post_group] = entry.owner
     images = ImageSet(
         entries=kept,
         sha256=sums,
         posts=posts,
         post_tags={post: tags_by_post[post] for post in dict.fromkeys(posts)},
+        owners={post: owners[post] for post in dict.fromkeys(posts) if post in owners},
     )
     return ReadResult(images=images, rejected=rejected, duplicates=duplicates)
 
@@ -281,9 +295,13 @@ class MethodScores:
     p_at_1: float
     p_at_3: float
     query_ms: float
+    # The tags behind distinct_correct (not reported; pooled over folds).
+    correct_tags: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["correct_tags"]
+        return data
 
 
 def score_rankings(
@@ -321,6 +339,7 @@ def score_rankings(
         p_at_1=precision(1),
         p_at_3=precision(3),
         query_ms=1000.0 * query_seconds / len(rankings),
+        correct_tags=frozenset(distinct),
     )
 
 
@@ -369,32 +388,420 @@ def fit_cluster_model(
     return ClusterModel(result=result, post_counts=post_counts, frequencies=frequencies)
 
 
+@dataclass
+class LibraryModel:
+    """Everything the methods need to answer queries against one library: its clusters (the
+    patent's counts and the inverted lists over them), who votes for each image, and the tags'
+    library-wide shares."""
+
+    library: ImageSet
+    clusters: ClusterModel
+    lists: ranking.InvertedLists
+    popular: list[str]
+    voters: dict[str, list[Hashable]]  # vote_by -> the voter of each library image
+    priors: dict[str, dict[str, float]]  # vote_by -> library-wide share of voters per tag
+
+    @classmethod
+    def build(cls, library: ImageSet, clusters: ClusterModel) -> LibraryModel:
+        assert library.vectors is not None
+        voters: dict[str, list[Hashable]] = {}
+        priors: dict[str, dict[str, float]] = {}
+        for by in ranking.VOTE_BY:
+            of_post = {
+                post: ranking.voter_of(post, library.owners.get(post), by)
+                for post in library.post_tags
+            }
+            voters[by] = [of_post[post] for post in library.posts]
+            priors[by] = ranking.prior_shares(library.post_tags, of_post)
+        return cls(
+            library=library,
+            clusters=clusters,
+            lists=ranking.InvertedLists.from_labels(
+                library.vectors, clusters.result.labels, clusters.result.centers
+            ),
+            popular=[str(tag) for tag, _n in ranking.popularity_ranking(library.post_tags)],
+            voters=voters,
+            priors=priors,
+        )
+
+    def search(self, vector: np.ndarray, probes: int | None) -> Search:
+        """The candidates search for a query: exact over the library, or over ``probes`` lists."""
+        if probes is None:
+            return lambda n: ranking.top_similar(vector, self.library.vectors, n)
+        return lambda n: self.lists.search(vector, probes, n)
+
+    def vote(
+        self,
+        vector: np.ndarray,
+        params: ranking.VoteParams,
+        limit: int,
+        search: Search | None = None,
+    ) -> list[str]:
+        """Neighbour voting as ``suggest()`` does it: the nearest voters, their tags once each."""
+        voters = self.voters[params.vote_by]
+        ids, sims, who = ranking.nearest_voters(
+            search or self.search(vector, params.probes),
+            voters.__getitem__,
+            params.neighbours,
+            len(self.library),
+        )
+        votes = ranking.neighbour_votes(
+            who, [self.library.tags_of(int(i)) for i in ids], sims, temperature=params.temperature
+        )
+        ranked = ranking.rank_votes(
+            votes,
+            prior=self.priors[params.vote_by],
+            prior_weight=params.prior_weight,
+            limit=limit,
+        )
+        return [str(item.tag) for item in ranked]
+
+
+# A candidate search: (ids, similarities) of the n most similar library images.
+Search = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+def score_method(
+    rank: Callable[[np.ndarray, int], list[str]], queries: ImageSet, k: int
+) -> MethodScores:
+    """Score ``rank(vector, depth)`` on every query, timing each call (extraction excluded).
+
+    BLAS runs on one thread meanwhile, as for one request in a web worker: on a busy machine
+    a multi-threaded product of one vector with a small matrix spends its time waiting for
+    threads, and the timings would say more about the load than about the method.
+    """
+    from threadpoolctl import threadpool_limits
+
+    assert queries.vectors is not None
+    depth = max(k, 3)
+    rankings, seconds = [], 0.0
+    with threadpool_limits(limits=1, user_api="blas"):
+        for vector in queries.vectors:
+            started = time.perf_counter()
+            rankings.append(rank(vector, depth))
+            seconds += time.perf_counter() - started
+    return score_rankings(rankings, _truths(queries), k, query_seconds=seconds)
+
+
 def score_popularity(library: ImageSet, queries: ImageSet, k: int) -> MethodScores:
     """The baseline: the library's most common tags (by post count), whatever the image."""
     popular = [str(tag) for tag, _count in ranking.popularity_ranking(library.post_tags)]
-    depth = max(k, 3)
-    rankings, seconds = [], 0.0
-    for _index in range(len(queries)):
-        started = time.perf_counter()
-        rankings.append(popular[:depth])
-        seconds += time.perf_counter() - started
-    return score_rankings(rankings, _truths(queries), k, query_seconds=seconds)
+    return score_method(lambda _vector, depth: popular[:depth], queries, k)
 
 
 def score_cluster(model: ClusterModel, queries: ImageSet, k: int) -> MethodScores:
     """The patent's method: nearest centre by cosine, that cluster's tags by post frequency."""
-    assert queries.vectors is not None
-    depth = max(k, 3)
-    rankings, seconds = [], 0.0
-    for vector in queries.vectors:
-        started = time.perf_counter()
-        rankings.append(model.rank(vector, depth))
-        seconds += time.perf_counter() - started
-    return score_rankings(rankings, _truths(queries), k, query_seconds=seconds)
+    return score_method(model.rank, queries, k)
 
 
 def _truths(queries: ImageSet) -> list[frozenset[str]]:
     return [queries.tags_of(index) for index in range(len(queries))]
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+#: The research anchor: exact k-NN voting, each of the k nearest posts one equal vote (TagVote
+#: without its prior). k = 10 was chosen by the tuning protocol (``--tune``, docs/quality.md).
+KNN = ranking.VoteParams(
+    neighbours=10, temperature=None, vote_by="post", prior_weight=0.0, probes=None
+)
+METHODS = ("popularity", "cluster", "knn", "vote", "ivf")
+METHOD_HELP = {
+    "popularity": "the library's most common tags, the same for every image",
+    "cluster": "the patent: nearest cluster centre, its tags by post frequency",
+    "knn": f"exact k-NN voting, {KNN.neighbours} nearest posts, one equal vote each",
+    "vote": "the VOTING setting over the whole library (exact)",
+    "ivf": "the VOTING setting over the members of the nearest clusters only (inverted file)",
+}
+
+
+def method_rankers(
+    model: LibraryModel,
+    voting: ranking.VoteParams,
+    *,
+    knn: ranking.VoteParams = KNN,
+) -> dict[str, Callable[[np.ndarray, int], list[str]]]:
+    """``rank(vector, depth)`` of every method on one library."""
+    exact = voting.exact()
+    return {
+        "popularity": lambda _vector, depth: model.popular[:depth],
+        "cluster": model.clusters.rank,
+        "knn": lambda vector, depth: model.vote(vector, knn, depth),
+        "vote": lambda vector, depth: model.vote(vector, exact, depth),
+        "ivf": lambda vector, depth: model.vote(vector, voting, depth),
+    }
+
+
+# Methods whose answers depend on K (scored again for every K of a sweep).
+K_DEPENDENT = ("cluster", "ivf")
+
+
+@dataclass
+class SplitResult:
+    methods: dict[str, MethodScores]
+    clusters: int
+    sweep: list[dict[str, Any]]  # per K: {"clusters_requested", "clusters", method: scores}
+    cluster_seconds: float
+
+
+def evaluate_split(
+    library: ImageSet,
+    queries: ImageSet,
+    *,
+    k: int,
+    n_clusters: Sequence[int],
+    cluster_params: dict[str, Any],
+    voting: ranking.VoteParams,
+) -> SplitResult:
+    """Score every method on one library/queries split; ``n_clusters[1:]`` is the K sweep."""
+    started = time.perf_counter()
+    clusters = fit_cluster_model(library, n_clusters[0], **cluster_params)
+    cluster_seconds = time.perf_counter() - started
+    model = LibraryModel.build(library, clusters)
+    methods = {
+        name: score_method(rank, queries, k) for name, rank in method_rankers(model, voting).items()
+    }
+    sweep = []
+    for wanted in n_clusters[1:]:
+        swept = LibraryModel.build(library, fit_cluster_model(library, wanted, **cluster_params))
+        rankers = method_rankers(swept, voting)
+        sweep.append(
+            {
+                "clusters_requested": wanted,
+                "clusters": swept.clusters.result.k,
+                **{name: score_method(rankers[name], queries, k) for name in K_DEPENDENT},
+            }
+        )
+    return SplitResult(
+        methods=methods,
+        clusters=clusters.result.k,
+        sweep=sweep,
+        cluster_seconds=cluster_seconds,
+    )
+
+
+# --- folds and the tuning protocol -----------------------------------------------------------
+
+
+def folds_by_post(posts: Sequence[str], folds: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..folds-1) of every image: posts are dealt round-robin in a seeded random
+    order, so folds differ by at most one post and a post's images share one fold."""
+    unique = list(dict.fromkeys(posts))
+    if folds < 2:
+        raise EvaluationError(f"--folds must be at least 2, not {folds}.")
+    if len(unique) < folds:
+        raise EvaluationError(
+            f"The library has {len(unique)} post(s), too few for {folds} folds: use fewer folds."
+        )
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[p]: n % folds for n, p in enumerate(order)}
+    return np.array([fold_of[post] for post in posts], dtype=np.int64)
+
+
+def fold_splits(images: ImageSet, folds: int, seed: int) -> list[tuple[ImageSet, ImageSet]]:
+    """(library, queries) for each fold: the fold's posts are the queries, the others the library."""
+    assignment = folds_by_post(images.posts, folds, seed)
+    return [
+        (images.take(np.flatnonzero(assignment != f)), images.take(np.flatnonzero(assignment == f)))
+        for f in range(folds)
+    ]
+
+
+_METRICS = ("p_at_k", "r_at_k", "distinct_correct", "p_at_1", "p_at_3", "query_ms")
+
+
+def summarise(per_fold: Sequence[MethodScores]) -> dict[str, Any]:
+    """Mean of each metric over folds, its standard deviation under ``"sd"``, and the distinct
+    correct tags pooled over all folds' queries under ``"distinct_correct_pooled"``."""
+    metrics = _METRICS
+    rows = np.array([[getattr(scores, name) for name in metrics] for scores in per_fold], float)
+    means = rows.mean(axis=0)
+    sd = rows.std(axis=0, ddof=1) if len(per_fold) > 1 else np.zeros(len(metrics))
+    out: dict[str, Any] = {name: float(means[i]) for i, name in enumerate(metrics)}
+    out["sd"] = {name: float(sd[i]) for i, name in enumerate(metrics)}
+    pooled: set[str] = set()
+    for scores in per_fold:
+        pooled |= scores.correct_tags
+    out["distinct_correct_pooled"] = len(pooled)
+    return out
+
+
+# Grids searched by --tune. The rule (docs/quality.md): on the library side of each outer fold,
+# 5-fold cross-validation by post; among the settings whose mean P@5 and mean P@1 are within one
+# standard error of the best, take the one with the most distinct correct tags (the first in the
+# grid on a tie). Probes: the fewest whose mean P@5 is within PROBE_TOLERANCE of exact voting.
+KNN_GRID = [5, 10, 15, 20, 30, 50]
+VOTE_GRID = [
+    ranking.VoteParams(neighbours=n, temperature=t, vote_by=by, prior_weight=w, probes=None)
+    for n in (10, 20, 30, 50)
+    for t in (None, 0.1, 0.05, 0.02)
+    for by in ("post", "owner")
+    for w in (0.0, 0.1, 0.2, 0.3)
+]
+PROBES_GRID = [1, 2, 3, 4, 6, 8, 12]
+PROBE_TOLERANCE = 0.005
+INNER_FOLDS = 5
+
+
+def choose_one_se(candidates: Sequence[Any], per_fold: Sequence[Sequence[MethodScores]]) -> int:
+    """Index of the candidate the one-standard-error rule picks (see the grids above)."""
+
+    def stats(metric: str) -> tuple[np.ndarray, np.ndarray]:
+        values = np.array([[getattr(s, metric) for s in folds] for folds in per_fold], float)
+        se = values.std(axis=1, ddof=1) / np.sqrt(values.shape[1])
+        return values.mean(axis=1), se
+
+    p5, p5_se = stats("p_at_k")
+    p1, p1_se = stats("p_at_1")
+    distinct, _se = stats("distinct_correct")
+    best5, best1 = int(p5.argmax()), int(p1.argmax())
+    eligible = (p5 >= p5[best5] - p5_se[best5] - 1e-12) & (p1 >= p1[best1] - p1_se[best1] - 1e-12)
+    ranked = sorted(np.flatnonzero(eligible), key=lambda i: (-distinct[i], i))
+    return int(ranked[0])
+
+
+def _cached_search(search: Search, cap: int) -> Search:
+    """``search`` run once for ``cap`` candidates; smaller requests are slices of that."""
+    ids, sims = search(cap)
+
+    def cached(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return (ids[:n], sims[:n]) if n <= cap else search(n)
+
+    return cached
+
+
+def _score_votes(
+    model: LibraryModel,
+    test: ImageSet,
+    params: ranking.VoteParams,
+    k: int,
+    searches: Sequence[Search] | None = None,
+) -> MethodScores:
+    ranks = [
+        model.vote(vector, params, max(k, 3), searches[q] if searches else None)
+        for q, vector in enumerate(test.vectors)
+    ]
+    return score_rankings(ranks, _truths(test), k)
+
+
+def tune_parameters(
+    library: ImageSet,
+    *,
+    k: int,
+    n_clusters: int | str,
+    cluster_params: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Choose the methods' parameters by cross-validation inside ``library`` only (never looking
+    at the outer queries): returns the chosen ``knn`` neighbours, ``vote`` parameters and
+    ``probes``, with the inner means behind each choice."""
+    # Inner folds whose queries have no tags cannot be scored (tiny libraries): leave them out.
+    inner = [
+        (train, test)
+        for train, test in fold_splits(library, min(INNER_FOLDS, len(set(library.posts))), seed)
+        if len(test.tagged())
+    ]
+    if len(inner) < 2:
+        raise EvaluationError(
+            f"A library of {len(library)} images is too small to tune in: --tune needs at "
+            "least two inner folds with tagged images. Give a larger library or leave out --tune."
+        )
+    knn_scores: list[list[MethodScores]] = [[] for _ in KNN_GRID]
+    vote_scores: list[list[MethodScores]] = [[] for _ in VOTE_GRID]
+    models = []
+    cap = 4 * max(max(KNN_GRID), max(p.neighbours for p in VOTE_GRID))
+    for train, test in inner:
+        test = test.tagged()
+        wanted = resolve_clusters(n_clusters, len(train))
+        model = LibraryModel.build(train, fit_cluster_model(train, wanted, **cluster_params))
+        models.append((model, test))
+        # One exact search per query serves every grid point (smaller requests are slices).
+        searches = [
+            _cached_search(model.search(vector, None), min(cap, len(train)))
+            for vector in test.vectors
+        ]
+        for n, scores in zip(KNN_GRID, knn_scores, strict=True):
+            scores.append(_score_votes(model, test, replace(KNN, neighbours=n), k, searches))
+        for params, scores in zip(VOTE_GRID, vote_scores, strict=True):
+            scores.append(_score_votes(model, test, params, k, searches))
+    knn_n = KNN_GRID[choose_one_se(KNN_GRID, knn_scores)]
+    vote_index = choose_one_se(VOTE_GRID, vote_scores)
+    vote = VOTE_GRID[vote_index]
+    exact_p5 = float(np.mean([s.p_at_k for s in vote_scores[vote_index]]))
+    probes_p5: dict[int, float] = {}
+    probes = PROBES_GRID[-1]
+    for m in PROBES_GRID:
+        params = replace(vote, probes=m)
+        values = []
+        for model, test in models:
+            values.append(_score_votes(model, test, params, k).p_at_k)
+        probes_p5[m] = float(np.mean(values))
+        if probes_p5[m] >= exact_p5 - PROBE_TOLERANCE:
+            probes = m
+            break
+
+    def means(scores: Sequence[MethodScores]) -> dict[str, float]:
+        return {
+            "p_at_k": float(np.mean([s.p_at_k for s in scores])),
+            "p_at_1": float(np.mean([s.p_at_1 for s in scores])),
+            "distinct_correct": float(np.mean([s.distinct_correct for s in scores])),
+        }
+
+    return {
+        "knn": {"neighbours": knn_n, "inner": means(knn_scores[KNN_GRID.index(knn_n)])},
+        "vote": {**asdict(vote), "inner": means(vote_scores[vote_index])},
+        "probes": {"probes": probes, "inner_p_at_k": probes_p5, "exact_p_at_k": exact_p5},
+    }
+
+
+def run_tuning(
+    splits: Sequence[tuple[ImageSet, ImageSet]],
+    *,
+    k: int,
+    n_clusters: int | str,
+    cluster_params: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Nested cross-validation: parameters chosen inside each outer fold's library, then scored
+    on that fold's queries. The outer means are an honest estimate of the tuned methods."""
+    folds_out = []
+    outer: dict[str, list[MethodScores]] = {}
+    for number, (library, queries) in enumerate(splits):
+        chosen = tune_parameters(
+            library, k=k, n_clusters=n_clusters, cluster_params=cluster_params, seed=seed
+        )
+        vote = ranking.VoteParams(
+            **{key: chosen["vote"][key] for key in ranking.VoteParams.__dataclass_fields__}
+        )
+        model = LibraryModel.build(
+            library,
+            fit_cluster_model(
+                library, resolve_clusters(n_clusters, len(library)), **cluster_params
+            ),
+        )
+        rankers = method_rankers(
+            model,
+            replace(vote, probes=chosen["probes"]["probes"]),
+            knn=replace(KNN, neighbours=chosen["knn"]["neighbours"]),
+        )
+        scored = queries.tagged()
+        fold_scores = {name: score_method(rank, scored, k) for name, rank in rankers.items()}
+        for name, scores in fold_scores.items():
+            outer.setdefault(name, []).append(scores)
+        folds_out.append(
+            {
+                "fold": number,
+                "chosen": chosen,
+                "outer": {name: scores.as_dict() for name, scores in fold_scores.items()},
+            }
+        )
+    return {
+        "rule": "inner 5-fold CV by post on each outer library; within one standard error of "
+        "the best mean P@5 and P@1, the most distinct correct tags; probes: fewest within "
+        f"{PROBE_TOLERANCE} P@5 of exact voting",
+        "folds": folds_out,
+        "outer": {name: summarise(scores) for name, scores in outer.items()},
+    }
 
 
 # --- the whole run ---------------------------------------------------------------------------
@@ -421,21 +828,27 @@ def run_evaluation(
     extractor: FeatureExtractor,
     queries_manifest: str | os.PathLike | None = None,
     holdout: float | None = None,
+    folds: int | None = None,
     k: int = 5,
     clusters: int | str | None = None,
     algorithm: str | None = None,
     seed: int = 0,
     k_sweep: Sequence[int | str] = (),
+    tune: bool = False,
+    voting: ranking.VoteParams | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Build a throwaway library, score ``popularity`` and ``cluster`` on the queries.
+    """Build a throwaway library and score every method (``METHODS``) on the queries.
 
-    Queries come from ``queries_manifest`` or, with ``holdout``, from a seeded split of the
-    library's posts. ``seed`` drives both the split and the clustering. ``clusters``,
-    ``algorithm`` and the clustering parameters default to ``IMAGETAGS['CLUSTERING']``.
-    ``k_sweep`` additionally scores the cluster method for each K listed.
+    Queries come from ``queries_manifest``; or, with ``holdout``, from a seeded split of the
+    library's posts; or, with ``folds``, every post is a query once (F-fold by post, the scores
+    are means over folds with their standard deviations under ``"sd"``). ``seed`` drives the
+    split and the clustering. ``clusters``, ``algorithm`` and the clustering parameters default
+    to ``IMAGETAGS['CLUSTERING']``; ``voting`` (the ``vote`` and ``ivf`` methods) to
+    ``IMAGETAGS['VOTING']``. ``k_sweep`` also scores the K-dependent methods for each K listed.
+    ``tune`` (with ``folds``) adds the nested cross-validation of the methods' parameters.
 
     Returns the report ``evaluate_suggestions --json`` prints. Raises :class:`EvaluationError`
     before any extraction when the request cannot give a result.
@@ -443,15 +856,19 @@ def run_evaluation(
     from imagetags.conf import imagetags_settings
 
     started = time.perf_counter()
-    if (queries_manifest is None) == (holdout is None):
+    sources = [value is not None for value in (queries_manifest, holdout, folds)]
+    if sum(sources) != 1:
         raise EvaluationError(
-            "Give exactly one source of queries: --queries Q.jsonl (a separate manifest) or "
-            "--holdout F (hold out that share of the library's posts, e.g. --holdout 0.3)."
+            "Give exactly one source of queries: --queries Q.jsonl (a separate manifest), "
+            "--holdout F (hold out that share of the library's posts, e.g. --holdout 0.3) or "
+            "--folds N (every post a query once, e.g. --folds 5)."
         )
     if holdout is not None and not 0 < holdout < 1:
         raise EvaluationError(
             f"--holdout must be between 0 and 1 (exclusive), not {holdout}; e.g. --holdout 0.3."
         )
+    if tune and folds is None:
+        raise EvaluationError("--tune needs --folds (e.g. --folds 5): it is cross-validation.")
     if k < 1:
         raise EvaluationError(f"--k must be at least 1, not {k}.")
     defaults = imagetags_settings.CLUSTERING
@@ -461,15 +878,29 @@ def run_evaluation(
         raise EvaluationError(
             f"Unknown algorithm {algorithm!r}: choose {' or '.join(ranking.ALGORITHMS)}."
         )
+    try:
+        voting = voting or ranking.VoteParams.from_setting(imagetags_settings.VOTING)
+    except ValueError as exc:
+        raise EvaluationError(f"IMAGETAGS['VOTING'] is not usable: {exc}") from None
     batch_size = batch_size or imagetags_settings.BATCH_SIZE
 
     read = read_image_set(library_manifest)
     rejected = _labelled(library_manifest, read.rejected)
     duplicates = read.duplicates
-    if holdout is not None:
+    to_embed: list[tuple[ImageSet, str | os.PathLike]]
+    if folds is not None:
+        assignment = folds_by_post(read.images.posts, folds, seed)
+        smallest = min(int((assignment != f).sum()) for f in range(folds))
+        to_embed = [(read.images, library_manifest)]
+        split: dict[str, Any] = {"folds": folds, "seed": seed}
+        check_library = read.images.take(np.flatnonzero(assignment != 0)[:smallest])
+        check_queries = read.images
+    elif holdout is not None:
         library_idx, query_idx = split_by_post(read.images.posts, holdout, seed)
         library, queries = read.images.take(library_idx), read.images.take(query_idx)
-        split: dict[str, Any] = {"holdout": holdout, "seed": seed}
+        to_embed = [(library, library_manifest), (queries, library_manifest)]
+        split = {"holdout": holdout, "seed": seed}
+        check_library, check_queries = library, queries
     else:
         library = read.images
         # A query that is also in the library would find its own vector: drop it like a duplicate.
@@ -477,10 +908,14 @@ def run_evaluation(
         queries = query_read.images
         rejected += _labelled(queries_manifest, query_read.rejected)
         duplicates += query_read.duplicates
+        to_embed = [(library, library_manifest), (queries, queries_manifest)]
         split = {"queries": str(queries_manifest)}
+        check_library, check_queries = library, queries
 
-    wanted = [resolve_clusters(value, len(library)) for value in [clusters, *k_sweep]]
-    _check_sizes(library, queries, wanted)
+    wanted_of = lambda n_library: [  # noqa: E731
+        resolve_clusters(value, n_library) for value in [clusters, *k_sweep]
+    ]
+    _check_sizes(check_library, check_queries, wanted_of(len(check_library)))
 
     extract_started = time.perf_counter()
     cache = VectorCache(cache_dir, extractor.key) if cache_dir else None
@@ -488,14 +923,13 @@ def run_evaluation(
         cache.load()
     cache_hits = 0
     embedded: list[ImageSet] = []
-    sources = (library_manifest, queries_manifest or library_manifest)
-    # One progress count over both sets: images still to embed (cached ones are not).
+    # One progress count over every set: images still to embed (cached ones are not).
     todo = [
         sum(1 for sha256 in image_set.sha256 if cache is None or sha256 not in cache.vectors)
-        for image_set in (library, queries)
+        for image_set, _source in to_embed
     ]
     offset = 0
-    for image_set, source, count in zip((library, queries), sources, todo, strict=True):
+    for (image_set, source), count in zip(to_embed, todo, strict=True):
 
         def report_progress(done: int, _total: int, offset: int = offset) -> None:
             if progress is not None:
@@ -510,10 +944,14 @@ def run_evaluation(
         cache_hits += result.cache_hits
     if cache is not None:
         cache.save()
-    library, queries = embedded
     extract_seconds = time.perf_counter() - extract_started
-    _check_sizes(library, queries, wanted)  # again: undecodable files may have been dropped
-    scored = queries.tagged()
+
+    if folds is not None:
+        splits = fold_splits(embedded[0], folds, seed)
+    else:
+        splits = [(embedded[0], embedded[1])]
+    for library, queries in splits:  # again: undecodable files may have been dropped
+        _check_sizes(library, queries, wanted_of(len(library)))
 
     cluster_params = {
         "algorithm": algorithm,
@@ -522,49 +960,119 @@ def run_evaluation(
         "max_iter": defaults["MAX_ITER"],
         "tol": defaults["TOL"],
     }
-    cluster_started = time.perf_counter()
-    model = fit_cluster_model(library, wanted[0], **cluster_params)
-    cluster_seconds = time.perf_counter() - cluster_started
-    methods = {
-        "popularity": score_popularity(library, scored, k).as_dict(),
-        "cluster": score_cluster(model, scored, k).as_dict(),
-    }
+    results = [
+        evaluate_split(
+            library,
+            queries.tagged(),
+            k=k,
+            n_clusters=wanted_of(len(library)),
+            cluster_params=cluster_params,
+            voting=voting,
+        )
+        for library, queries in splits
+    ]
+    libraries = [library for library, _queries in splits]
+    scored = [queries.tagged() for _library, queries in splits]
+    if folds is None:
+        methods = {name: scores.as_dict() for name, scores in results[0].methods.items()}
+    else:
+        methods = {
+            name: summarise([result.methods[name] for result in results]) for name in METHODS
+        }
     report: dict[str, Any] = {
         "k": k,
-        "library": len(library),
-        "queries": len(scored),
-        "default": DEFAULT_METHOD,
+        "library": round(float(np.mean([len(library) for library in libraries]))),
+        "queries": sum(len(queries) for queries in scored),
+        "default": suggest_method(),
         "methods": methods,
-        "unscored_queries": len(queries) - len(scored),
-        "library_posts": len(library.post_tags),
-        "query_posts": len(scored.post_tags),
+        "unscored_queries": sum(len(q) for _l, q in splits) - sum(len(q) for q in scored),
+        "library_posts": round(float(np.mean([len(library.post_tags) for library in libraries]))),
+        "query_posts": sum(len(queries.post_tags) for queries in scored),
         "split": split,
         "extractor": extractor.key,
-        "clusters": model.result.k,
-        "clusters_requested": wanted[0],
+        "clusters": results[0].clusters,
+        "clusters_requested": wanted_of(len(libraries[0]))[0],
         "algorithm": algorithm,
         "seed": seed,
+        "voting": asdict(voting),
+        "knn": asdict(KNN),
         "rejected": rejected,
         "duplicates_dropped": duplicates,
         "vectors_from_cache": cache_hits,
     }
+    if folds is not None:
+        report["per_fold"] = [
+            {
+                "library": len(library),
+                "queries": len(queries),
+                "clusters": result.clusters,
+                "methods": {name: scores.as_dict() for name, scores in result.methods.items()},
+            }
+            for library, queries, result in zip(libraries, scored, results, strict=True)
+        ]
     if k_sweep:
         report["k_sweep"] = []
-        for n_clusters in wanted[1:]:
-            swept = fit_cluster_model(library, n_clusters, **cluster_params)
-            report["k_sweep"].append(
+        for row, _wanted in enumerate(k_sweep):
+            rows = [result.sweep[row] for result in results]
+            entry: dict[str, Any] = {
+                "clusters_requested": rows[0]["clusters_requested"],
+                "clusters": round(float(np.mean([r["clusters"] for r in rows]))),
+            }
+            for name in K_DEPENDENT:
+                entry[name] = (
+                    rows[0][name].as_dict() if folds is None else summarise([r[name] for r in rows])
+                )
+            # The cluster method's figures also at the top level, as before the other methods.
+            entry.update(
                 {
-                    "clusters_requested": n_clusters,
-                    "clusters": swept.result.k,
-                    **score_cluster(swept, scored, k).as_dict(),
+                    key: entry["cluster"][key]
+                    for key in MethodScores.__dataclass_fields__
+                    if key != "correct_tags"
                 }
             )
+            report["k_sweep"].append(entry)
+    if tune:
+        report["tune"] = run_tuning(
+            splits, k=k, n_clusters=clusters, cluster_params=cluster_params, seed=seed
+        )
     report["seconds"] = {
         "extract": round(extract_seconds, 3),
-        "cluster": round(cluster_seconds, 3),
+        "cluster": round(sum(result.cluster_seconds for result in results), 3),
         "total": round(time.perf_counter() - started, 3),
     }
     return report
+
+
+def suggest_method() -> str:
+    """The method ``suggest()`` serves (``IMAGETAGS['SUGGEST_METHOD']``)."""
+    from imagetags.services.suggest import suggest_method as configured
+
+    return configured()
+
+
+# --- acceptance of real suggestions ----------------------------------------------------------
+
+
+def feedback_report(*, top: int | None = None) -> dict[str, Any]:
+    """Acceptance of the suggestions people were shown (``SuggestionFeedback``): overall, per
+    channel, per method that made them, and per tag (most shown first; ``top`` limits the tags).
+
+    The counting is ``services.feedback.acceptance_stats``, the same figures the admin shows.
+    """
+    from imagetags.models import SuggestionFeedback
+    from imagetags.services.feedback import acceptance_stats
+
+    stats = acceptance_stats()
+    data = stats.as_dict()
+    if top is not None:
+        data["per_tag"] = dict(list(data["per_tag"].items())[:top])
+    methods = SuggestionFeedback.objects.order_by().values_list("method", flat=True).distinct()
+    data["per_method"] = {
+        (method or "(unrecorded)"): acceptance_stats(method=method).overall.as_dict()
+        for method in sorted(methods)
+    }
+    data["tags"] = len(stats.per_tag)
+    return data
 
 
 def _labelled(manifest: str | os.PathLike, rejections: list[Rejection]) -> list[str]:

@@ -1,39 +1,83 @@
-"""manage.py evaluate_suggestions: measure suggestion quality on a throwaway in-memory library."""
+"""manage.py evaluate_suggestions: measure suggestion quality on a throwaway in-memory library,
+or report how often people accepted the suggestions they were shown."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from imagetags.services.evaluation import EvaluationError, run_evaluation
+from imagetags.services.evaluation import (
+    METHOD_HELP,
+    EvaluationError,
+    feedback_report,
+    run_evaluation,
+)
 from imagetags.services.library import ManifestError
-from imagetags.services.ranking import parse_k
+from imagetags.services.ranking import VoteParams, parse_k
+
+VOTING_KEYS = ("NEIGHBOURS", "TEMPERATURE", "VOTE_BY", "PRIOR_WEIGHT", "PROBES")
 
 
 def _k_list(value: str) -> list[int | str]:
     return [parse_k(part.strip()) for part in value.split(",") if part.strip()]
 
 
+def _voting(value: str) -> dict[str, Any]:
+    """``NEIGHBOURS=10,TEMPERATURE=none,...`` as a partial VOTING dict (argparse ``type=``)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, raw = part.partition("=")
+        key = key.strip().upper()
+        if not sep or key not in VOTING_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: write KEY=VALUE with KEY one of {', '.join(VOTING_KEYS)}."
+            )
+        raw = raw.strip()
+        if raw.lower() in ("none", "null"):
+            out[key] = None
+        elif key == "VOTE_BY":
+            out[key] = raw
+        else:
+            try:
+                out[key] = float(raw) if key in ("TEMPERATURE", "PRIOR_WEIGHT") else int(raw)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r}: {raw!r} is not a number.") from None
+    return out
+
+
 class Command(BaseCommand):
     help = (
         "Score tag suggestions on held-out images: build a throwaway library in memory from a "
         "manifest (the site's database and media are not touched), then compare the popularity "
-        "baseline with the patent's nearest-cluster method by P@1, P@3, P@k, R@k and distinct "
-        "correct tags. Queries come from --queries or from --holdout (split by post)."
+        "baseline, the patent's nearest-cluster method, k-NN voting and the voting methods by "
+        "P@1, P@3, P@k, R@k, distinct correct tags and query time. Queries come from --queries, "
+        "--holdout or --folds (split by post). With --from-feedback, report instead the "
+        "acceptance of the suggestions people were shown on this site."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--library", required=True, help="Manifest (.jsonl) of the library images."
-        )
+        parser.add_argument("--library", help="Manifest (.jsonl) of the library images.")
         parser.add_argument("--queries", help="Manifest (.jsonl) of separate query images.")
         parser.add_argument(
             "--holdout",
             type=float,
             help="Hold out this share of the library's posts as queries, e.g. 0.3.",
+        )
+        parser.add_argument(
+            "--folds",
+            type=int,
+            help="F-fold cross-validation by post: every post is a query once; scores are "
+            "means over the folds, with their standard deviations. E.g. 5.",
+        )
+        parser.add_argument(
+            "--tune",
+            action="store_true",
+            help="With --folds: choose the methods' parameters by 5-fold cross-validation inside "
+            "each fold's library and score the choices on the fold's queries (nested CV).",
         )
         parser.add_argument(
             "--k", type=int, default=5, help="Tags suggested per query (default: %(default)s)."
@@ -67,7 +111,16 @@ class Command(BaseCommand):
             type=_k_list,
             default=[],
             metavar="K1,K2,...",
-            help="Also score the cluster method for each of these K, e.g. 10,20,30,40,60.",
+            help="Also score the methods that depend on K for each of these K, e.g. 10,20,30,40.",
+        )
+        parser.add_argument(
+            "--voting",
+            type=_voting,
+            default={},
+            metavar="KEY=VALUE,...",
+            help="Score the vote and ivf methods with these VOTING values instead of "
+            "IMAGETAGS['VOTING'], e.g. PRIOR_WEIGHT=1 (TagVote's full prior), VOTE_BY=owner, "
+            "TEMPERATURE=none (equal votes), NEIGHBOURS=10, PROBES=2.",
         )
         parser.add_argument(
             "--cache",
@@ -76,10 +129,24 @@ class Command(BaseCommand):
             "extraction.",
         )
         parser.add_argument(
+            "--from-feedback",
+            action="store_true",
+            help="Report the acceptance of shown suggestions (SuggestionFeedback) overall, per "
+            "channel, per method and per tag, from this site's database; no manifest needed.",
+        )
+        parser.add_argument(
             "--json", action="store_true", help="Print the report as one JSON object."
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["from_feedback"]:
+            self._feedback(options)
+            return
+        if not options["library"]:
+            raise CommandError(
+                "Give --library MANIFEST.jsonl (with --queries, --holdout or --folds), or "
+                "--from-feedback to report acceptance of real suggestions."
+            )
         from tqdm import tqdm
 
         from imagetags.services.extractors import extractor_config_from_spec, get_extractor
@@ -92,6 +159,12 @@ class Command(BaseCommand):
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
 
+        from imagetags.conf import imagetags_settings
+
+        try:
+            voting = VoteParams.from_setting({**imagetags_settings.VOTING, **options["voting"]})
+        except ValueError as exc:
+            raise CommandError(f"--voting: {exc}") from exc
         bar: tqdm | None = None
 
         def progress(done: int, total: int) -> None:
@@ -108,11 +181,14 @@ class Command(BaseCommand):
                 extractor=extractor,
                 queries_manifest=options["queries"],
                 holdout=options["holdout"],
+                folds=options["folds"],
                 k=options["k"],
                 clusters=options["clusters"],
                 algorithm=options["algorithm"],
                 seed=options["seed"],
                 k_sweep=options["k_sweep"],
+                tune=options["tune"],
+                voting=voting,
                 cache_dir=options["cache"],
                 progress=progress,
             )
@@ -127,55 +203,147 @@ class Command(BaseCommand):
         else:
             self._table(report)
 
+    # --- text output -----------------------------------------------------------------------
+
     def _table(self, report: dict[str, Any]) -> None:
         k = report["k"]
         split = report["split"]
-        source = (
-            f"hold-out {split['holdout']:g} of the posts, seed {split['seed']}"
-            if "holdout" in split
-            else f"queries from {split['queries']}"
-        )
+        folds = split.get("folds")
+        if folds:
+            source = f"{folds}-fold by post, seed {split['seed']}; library = mean per fold"
+        elif "holdout" in split:
+            source = f"hold-out {split['holdout']:g} of the posts, seed {split['seed']}"
+        else:
+            source = f"queries from {split['queries']}"
         self.stdout.write(
             f"Library: {report['library']} images in {report['library_posts']} posts; "
             f"queries: {report['queries']} scored images in {report['query_posts']} posts "
             f"({report['unscored_queries']} untagged, not scored); {source}."
         )
+        voting = report["voting"]
         self.stdout.write(
             f"Extractor: {report['extractor']}. K={report['clusters']} ({report['algorithm']}, "
             f"seed {report['seed']}). {report['seconds']['total']:.1f} s "
             f"({report['seconds']['extract']:.1f} s extraction, "
             f"{report['vectors_from_cache']} vectors from the cache)."
         )
+        self.stdout.write(
+            f"Voting (vote, ivf): {voting['neighbours']} neighbours, temperature "
+            f"{voting['temperature']}, one vote per {voting['vote_by']}, prior weight "
+            f"{voting['prior_weight']:g}, ivf probes {voting['probes']}; knn: "
+            f"{report['knn']['neighbours']} neighbours, equal votes."
+        )
         if report["duplicates_dropped"] or report["rejected"]:
             self.stdout.write(
                 f"Dropped {report['duplicates_dropped']} duplicate images and "
                 f"{len(report['rejected'])} rejected lines."
             )
-        header = (
-            f"{'method':<12} {'P@1':>6} {'P@3':>6} {f'P@{k}':>6} {f'R@{k}':>6} "
-            f"{'distinct':>8} {'ms/query':>9}"
-        )
         self.stdout.write("")
-        self.stdout.write(header)
-        for name, scores in report["methods"].items():
-            label = f"{name} *" if name == report["default"] else name
+        self._methods(report["methods"], k, default=report["default"], spread=bool(folds))
+        self.stdout.write("* the method suggest() uses (IMAGETAGS['SUGGEST_METHOD'])")
+        for name in report["methods"]:
+            self.stdout.write(f"  {name}: {METHOD_HELP.get(name, '')}")
+        if folds:
             self.stdout.write(
-                f"{label:<12} {scores['p_at_1']:>6.3f} {scores['p_at_3']:>6.3f} "
-                f"{scores['p_at_k']:>6.3f} {scores['r_at_k']:>6.3f} "
-                f"{scores['distinct_correct']:>8d} {scores['query_ms']:>9.3f}"
+                "± standard deviation over folds; distinct = mean per fold "
+                "(pooled over all folds' queries in brackets)."
             )
-        self.stdout.write("* the method suggest() uses")
         sweep = report.get("k_sweep")
         if sweep:
             self.stdout.write("")
-            self.stdout.write("cluster method by K:")
+            self.stdout.write("by K (methods that depend on it):")
+            names = [name for name in sweep[0] if isinstance(sweep[0][name], dict)]
             self.stdout.write(
-                f"{'K':>5} {'used':>5} {'P@1':>6} {'P@3':>6} {f'P@{k}':>6} {f'R@{k}':>6} "
-                f"{'distinct':>8}"
+                f"{'K':>5} {'used':>5}  "
+                + "  ".join(f"{name + f' P@{k}':>13} {name + ' dist':>12}" for name in names)
             )
             for row in sweep:
                 self.stdout.write(
-                    f"{row['clusters_requested']:>5d} {row['clusters']:>5d} "
-                    f"{row['p_at_1']:>6.3f} {row['p_at_3']:>6.3f} {row['p_at_k']:>6.3f} "
-                    f"{row['r_at_k']:>6.3f} {row['distinct_correct']:>8d}"
+                    f"{row['clusters_requested']:>5d} {row['clusters']:>5d}  "
+                    + "  ".join(
+                        f"{row[name]['p_at_k']:>13.3f} {row[name]['distinct_correct']:>12.1f}"
+                        for name in names
+                    )
                 )
+        if "tune" in report:
+            self._tune(report["tune"], k)
+
+    def _methods(self, methods: dict[str, Any], k: int, *, default: str, spread: bool) -> None:
+        width = 13 if spread else 6
+        self.stdout.write(
+            f"{'method':<12} {'P@1':>6} {'P@3':>6} {f'P@{k}':>{width}} {f'R@{k}':>6} "
+            f"{'distinct':>{width + 2 if spread else 8}} {'ms/query':>9}"
+        )
+        for name, scores in methods.items():
+            label = f"{name} *" if name == default else name
+            if spread:
+                sd = scores["sd"]
+                p_at_k = f"{scores['p_at_k']:.3f}±{sd['p_at_k']:.3f}"
+                distinct = (
+                    f"{scores['distinct_correct']:.1f}±{sd['distinct_correct']:.1f}"
+                    f" ({scores['distinct_correct_pooled']})"
+                )
+            else:
+                p_at_k = f"{scores['p_at_k']:.3f}"
+                distinct = f"{scores['distinct_correct']:d}"
+            self.stdout.write(
+                f"{label:<12} {scores['p_at_1']:>6.3f} {scores['p_at_3']:>6.3f} "
+                f"{p_at_k:>{width}} {scores['r_at_k']:>6.3f} "
+                f"{distinct:>{width + 2 if spread else 8}} {scores['query_ms']:>9.3f}"
+            )
+
+    def _tune(self, tune: dict[str, Any], k: int) -> None:
+        self.stdout.write("")
+        self.stdout.write(f"Tuning (nested cross-validation): {tune['rule']}.")
+        self.stdout.write(
+            f"{'fold':>4}  {'knn k':>5}  {'vote: neighbours, T, by, prior':<34} {'probes':>6}"
+        )
+        for fold in tune["folds"]:
+            chosen = fold["chosen"]
+            vote = chosen["vote"]
+            described = (
+                f"{vote['neighbours']}, {vote['temperature']}, {vote['vote_by']}, "
+                f"{vote['prior_weight']:g}"
+            )
+            self.stdout.write(
+                f"{fold['fold']:>4}  {chosen['knn']['neighbours']:>5}  {described:<34} "
+                f"{chosen['probes']['probes']:>6}"
+            )
+        self.stdout.write("")
+        self.stdout.write("Outer scores of the tuned methods (each fold's own choices):")
+        self._methods(tune["outer"], k, default="", spread=True)
+
+    def _feedback(self, options: dict[str, Any]) -> None:
+        report = feedback_report()
+        if options["json"]:
+            self.stdout.write(json.dumps(report))
+            return
+        overall = report["overall"]
+        if not overall["shown"]:
+            self.stdout.write(
+                "No suggestion feedback yet: it is recorded when people accept or reject "
+                "suggestions in the upload widget, the form or the API."
+            )
+            return
+        self.stdout.write(
+            f"Accepted {overall['accepted']} of {overall['shown']} suggestions shown "
+            f"({overall['rate']:.1%}) over {report['tags']} tags."
+        )
+        for title, rows in (("channel", report["per_channel"]), ("method", report["per_method"])):
+            self.stdout.write("")
+            self.stdout.write(f"{title:<24} {'accepted':>8} {'shown':>7} {'rate':>7}")
+            for name, row in rows.items():
+                self.stdout.write(_acceptance_line(name, row))
+        self.stdout.write("")
+        self.stdout.write(
+            f"{'tag (most shown first)':<24} {'accepted':>8} {'shown':>7} {'rate':>7}"
+        )
+        for name, row in list(report["per_tag"].items())[:30]:
+            self.stdout.write(_acceptance_line(name, row))
+        if report["tags"] > 30:
+            self.stdout.write(f"… and {report['tags'] - 30} more tags (--json lists them all).")
+
+
+def _acceptance_line(name: str, row: dict[str, Any]) -> str:
+    rate = "—" if row["rate"] is None else f"{row['rate']:.1%}"
+    return f"{name[:24]:<24} {row['accepted']:>8} {row['shown']:>7} {rate:>7}"

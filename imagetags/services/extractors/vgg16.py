@@ -184,6 +184,9 @@ class VGG16Extractor(FeatureExtractor):
             "flatten": keras.layers.Flatten,
         }[self.pooling](name=f"imagetags_{self.pooling}")
         model = keras.Model(backbone.input, pool_layer(features), name="imagetags_vgg16")
+        # One forward pass now: the first call traces the graph (~0.1–1 s), and a warmed-up
+        # process (WARM_UP, warm_up()) must not leave that to the first suggestion request.
+        model.predict_on_batch(np.zeros((1, size, size, 3), dtype=np.float32))
         self._backbone = backbone
         self._loaded_digest = digest
         self._model = model

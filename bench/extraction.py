@@ -1,0 +1,394 @@
+"""Targets 1, 2 and the speed half of 4, on real photos through the real code paths.
+
+One throwaway SQLite library of feedme-dev photos (library side of the seeded split), then, for
+each backend — VGG16 fp32 (TensorFlow, seeded random weights: ImageNet weights cannot be
+downloaded here, and speed does not depend on weight values), VGG16 int8 (exported from that
+model by ``manage.py export_int8_model``, calibrated on this library) and MobileNetV2 int8:
+
+1. ``compute_features`` end to end (read file, decode, resize, batch, infer, store, add to the
+   active clustering) against the raw forward pass (``embed_arrays`` on pre-resized arrays) at the
+   same batch size, interleaved;
+2. ``suggest(path)`` and the API endpoint (``POST /api/imagetags/suggestions/`` under Django's
+   test client) against the raw batch-1 forward of the same image, model and centres warm; and
+   the first suggestion after ``warm_up()`` against the median;
+4. raw images/s of the three backends, interleaved, as ratios to VGG16 fp32.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from contextlib import redirect_stderr
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    MOBILENET,
+    VGG16_FP32,
+    Context,
+    Photo,
+    Row,
+    feedme_split,
+    interleave,
+    median,
+    paired_ratio,
+    setup_django,
+)
+
+SUGGEST_TARGET = (1.15, 0.005)  # median <= 1.15 × raw batch-1 forward + 5 ms
+
+
+def base_settings(batch: int) -> dict[str, Any]:
+    return {
+        "EXTRACTOR": VGG16_FP32,
+        "AUTO_FEATURES": False,
+        "BATCH_SIZE": batch,
+        "API_THROTTLE_RATE": None,
+        "API_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    }
+
+
+def import_photos(photos: list[Photo]) -> list[int]:
+    """Save each photo as a one-image post with its tags (as import_library would)."""
+    from django.core.files import File
+
+    from imagetags.models import Post, PostTag, StockImage, Tag
+
+    ids = []
+    for photo in photos:
+        post = Post.objects.create(title=photo.path.name)
+        for name in sorted(photo.tags):
+            tag, _ = Tag.objects.get_or_create(name=name)
+            PostTag.objects.get_or_create(post=post, tag=tag, defaults={"source": "imported"})
+        with photo.path.open("rb") as fh:
+            image = StockImage.objects.create(post=post, image=File(fh, name=photo.path.name))
+        ids.append(image.pk)
+    return ids
+
+
+def export_int8(ctx: Context, samples: int) -> None:
+    """VGG16 int8 through the management command, calibrated on the bench library."""
+    from django.core.management import call_command
+
+    from imagetags.services.extractors.quantize import _output_tensor
+
+    path = ctx.workdir / "models" / "vgg16-random-seed0-224-int8.tflite"
+    if path.exists() and not ctx.fresh:
+        ctx.say(f"Reusing {path} (pass --fresh to export again).")
+        ctx.int8_model, ctx.int8_tensor = path, _output_tensor(str(path))[0]
+        return
+    ctx.say(f"Exporting VGG16 int8 with {samples} library images: manage.py export_int8_model")
+    out = io.StringIO()
+    started = time.perf_counter()
+    with redirect_stderr(io.StringIO()):
+        call_command(
+            "export_int8_model", str(path), "--samples", str(samples), "--force", stdout=out
+        )
+    ctx.facts["int8_export_seconds"] = round(time.perf_counter() - started, 1)
+    ctx.facts["int8_export_output"] = out.getvalue().strip()
+    ctx.facts["int8_model_mb"] = round(path.stat().st_size / 1e6, 1)
+    ctx.int8_model = path
+    ctx.int8_tensor = re.search(r"embedding tensor '([^']+)'", out.getvalue()).group(1)
+
+
+# TFLite runs one thread unless told otherwise; TensorFlow uses every core. Both get all cores.
+THREADS = os.cpu_count() or 1
+
+
+def backends(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
+    """(label, EXTRACTOR setting) of every backend measured. The last, MobileNetV2 on one
+    thread, is measured for target 1 only: it shows what the pipeline does when the model
+    leaves a core to decoding and the database."""
+    found = [("VGG16 fp32", VGG16_FP32)]
+    if ctx.int8_model is not None:
+        options = {
+            "model_path": str(ctx.int8_model),
+            "tensor": ctx.int8_tensor,
+            "num_threads": THREADS,
+        }
+        found.append(("VGG16 int8", {"CLASS": "tflite", "OPTIONS": options}))
+    if MOBILENET.exists():
+        options = {"model_path": str(MOBILENET), "num_threads": THREADS}
+        found.append(("MobileNetV2 int8", {"CLASS": "tflite", "OPTIONS": options}))
+        options = {"model_path": str(MOBILENET), "num_threads": 1}
+        found.append((ONE_THREAD, {"CLASS": "tflite", "OPTIONS": options}))
+    return found
+
+
+ONE_THREAD = "MobileNetV2 int8, 1 thread"
+
+
+def sizes(ctx: Context) -> tuple[int, int]:
+    """(library images, batch size)."""
+    return (16, 8) if ctx.quick else (256, 32)
+
+
+def images_for(ctx: Context, label: str) -> int:
+    """Images per timed run: a few seconds of work for every backend (VGG16 fp32 embeds ~5/s
+    here, MobileNetV2 ~100/s), so start-up and the last batch's store do not dominate."""
+    if ctx.quick:
+        return 16
+    return {"VGG16 fp32": 64, "VGG16 int8": 128}.get(label, 256)
+
+
+def prepare(ctx: Context) -> list[int]:
+    """The throwaway library (first library-side photos of the split) and the int8 export."""
+    library, _queries = feedme_split()
+    n_images, batch = sizes(ctx)
+    setup_django(ctx.workdir, "extract", base_settings(batch))
+    ctx.say(f"Importing {n_images} feedme-dev library photos into a throwaway SQLite library.")
+    ids = import_photos(library[:n_images])
+    export_int8(ctx, samples=min(64, n_images))
+    return ids
+
+
+def run(ctx: Context, ids: list[int]) -> None:
+    from django.test import override_settings
+
+    from imagetags.services.images import open_image
+
+    library, queries = feedme_split()
+    _n, batch = sizes(ctx)
+    rounds = 2 if ctx.quick else 5
+    query_photos = queries[: 4 if ctx.quick else 8]
+
+    extractors: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for label, config in backends(ctx):
+        with override_settings(IMAGETAGS={**base_settings(batch), "EXTRACTOR": config}):
+            from imagetags.services.extractors import warm_up
+
+            extractor = warm_up()
+            extractors[label] = extractor
+            n = images_for(ctx, label)
+            arrays[label] = np.stack(
+                [extractor.prepare(open_image(p.path)[0]) for p in library[:n]]
+            )
+            _pipeline_vs_raw(ctx, label, extractor, ids[:n], arrays[label], batch, rounds)
+            if label == ONE_THREAD:
+                del extractors[label]
+                continue
+            _suggestion_latency(ctx, label, extractor, query_photos, min(rounds, 3))
+            if label == "VGG16 fp32":
+                _first_after_warm_up(ctx, query_photos)
+    _backend_speed(ctx, extractors, arrays, batch, rounds)
+
+
+# --- target 1 ----------------------------------------------------------------------------------
+
+
+def _pipeline_vs_raw(
+    ctx: Context,
+    label: str,
+    extractor: Any,
+    ids: list[int],
+    pixels: np.ndarray,
+    batch: int,
+    rounds: int,
+) -> None:
+    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.features import compute_features
+
+    n = len(ids)
+    # Untimed first pass: stores this backend's vectors (so a clustering of them can be active,
+    # as on a live site) and traces the model at this batch size.
+    compute_features(ids, batch_size=batch, force=True)
+    rebuild_clusters(k=8)
+
+    def raw() -> float:
+        started = time.perf_counter()
+        for start in range(0, n, batch):
+            extractor.embed_arrays(pixels[start : start + batch])
+        return (time.perf_counter() - started) / n
+
+    def pipeline() -> float:
+        started = time.perf_counter()
+        summary = compute_features(ids, batch_size=batch, force=True)
+        seconds = time.perf_counter() - started
+        assert summary.ready == n, summary.as_dict()
+        return seconds / n
+
+    ctx.say(f"Target 1, {label}: compute_features vs raw forward, {n} images a round.")
+    # Short runs get more rounds: MobileNet's images take a few seconds in all.
+    extra = 2 if label.startswith("MobileNetV2") else 0
+    samples = interleave({"raw": raw, "pipeline": pipeline}, rounds + extra)
+    raw_s, pipe_s = median(samples["raw"]), median(samples["pipeline"])
+    ctx.rows.append(
+        Row(
+            "1",
+            f"bulk extraction / raw forward, {label}, batch {batch}",
+            paired_ratio(samples["raw"], samples["pipeline"]),
+            ">= 0.90",
+            f"{1 / pipe_s:.1f} vs {1 / raw_s:.1f} img/s",
+        )
+    )
+    ctx.facts.setdefault("pipeline", {})[label] = {
+        "raw_ms_per_image": samples["raw"],
+        "pipeline_ms_per_image": samples["pipeline"],
+    }
+
+
+# --- target 2 ----------------------------------------------------------------------------------
+
+
+def _suggestion_latency(
+    ctx: Context, label: str, extractor: Any, photos: list[Photo], rounds: int
+) -> None:
+    from imagetags.services.images import open_image
+    from imagetags.services.suggest import suggest
+
+    api = _api_client()
+    pixels = [extractor.prepare(open_image(p.path)[0])[None] for p in photos]
+    suggest(str(photos[0].path))  # loads the active centres into the process cache
+    samples: dict[str, list[float]] = {"raw": [], "service": [], "api": []}
+    ctx.say(f"Target 2, {label}: suggest() and the API vs raw batch-1 forward.")
+    for _round in range(rounds):
+        for photo, array in zip(photos, pixels, strict=True):
+            started = time.perf_counter()
+            extractor.embed_arrays(array)
+            samples["raw"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            result = suggest(str(photo.path))
+            samples["service"].append(time.perf_counter() - started)
+            assert result.tags, "no tags suggested"
+            if api is not None:
+                with photo.path.open("rb") as fh:
+                    started = time.perf_counter()
+                    response = api.post("/api/imagetags/suggestions/", {"image": fh})
+                    samples["api"].append(time.perf_counter() - started)
+                assert response.status_code == 200, response.content[:300]
+    raw = median(samples["raw"])
+    budgets = [SUGGEST_TARGET[0] * r + SUGGEST_TARGET[1] for r in samples["raw"]]
+    for kind, name in (("service", "suggest(path)"), ("api", "API POST /suggestions/")):
+        if not samples[kind]:
+            ctx.rows.append(
+                Row(
+                    "2",
+                    f"{name} / (1.15 × raw b1 + 5 ms), {label}",
+                    None,
+                    "<= 1.00",
+                    "API not installed",
+                )
+            )
+            continue
+        value = median(samples[kind])
+        ctx.rows.append(
+            Row(
+                "2",
+                f"{name} / (1.15 × raw b1 + 5 ms), {label}",
+                paired_ratio(samples[kind], budgets),
+                "<= 1.00",
+                f"median {value * 1000:.0f} ms, raw b1 {raw * 1000:.0f} ms, "
+                f"overhead {(value - raw) * 1000:+.0f} ms",
+            )
+        )
+    ctx.facts.setdefault("suggest", {})[label] = samples
+
+
+def _api_client() -> Any:
+    from django.test import Client
+
+    from bench import urls
+
+    return Client() if urls.urlpatterns else None
+
+
+def _first_after_warm_up(ctx: Context, photos: list[Photo]) -> None:
+    """A process that warmed up (WARM_UP / warm_up()) answers its first request at full speed."""
+    from imagetags.services.extractors import clear_extractor_cache, warm_up
+    from imagetags.services.suggest import suggest
+
+    ratios = []
+    for attempt in range(3):
+        clear_extractor_cache()  # a new process: the model is built again ...
+        warm_up()  # ... by the warm-up hook, before any request
+        path = str(photos[attempt % len(photos)].path)
+        started = time.perf_counter()
+        suggest(path)
+        first = time.perf_counter() - started
+        later = []
+        for _ in range(3):
+            started = time.perf_counter()
+            suggest(path)
+            later.append(time.perf_counter() - started)
+        ratios.append(first / median(later))
+    ctx.rows.append(
+        Row(
+            "2",
+            "first suggest() after warm_up() / later ones, VGG16 fp32",
+            median(ratios),
+            "<= 1.50",
+            "median of 3 fresh loads; without warm-up the first call also pays a ~3 s model load",
+        )
+    )
+
+
+# --- target 4 (speed) ----------------------------------------------------------------------------
+
+
+def _backend_speed(
+    ctx: Context, extractors: dict[str, Any], arrays: dict[str, np.ndarray], batch: int, rounds: int
+) -> None:
+    ctx.say("Target 4: raw images/s of every backend, interleaved.")
+    variants = {}
+    for label, extractor in extractors.items():
+        pixels = arrays[label][:batch]
+
+        def bulk(extractor: Any = extractor, pixels: np.ndarray = pixels) -> float:
+            started = time.perf_counter()
+            extractor.embed_arrays(pixels)
+            return (time.perf_counter() - started) / len(pixels)
+
+        def single(extractor: Any = extractor, pixels: np.ndarray = pixels) -> float:
+            times = []
+            for index in range(3):
+                started = time.perf_counter()
+                extractor.embed_arrays(pixels[index : index + 1])
+                times.append(time.perf_counter() - started)
+            return median(times)
+
+        variants[f"{label} b{batch}"] = bulk
+        variants[f"{label} b1"] = single
+    samples = interleave(variants, rounds)
+    speed = {name: 1.0 / median(values) for name, values in samples.items()}
+
+    def faster(name: str, than: str) -> float:  # paired ratio of images/s
+        return paired_ratio(samples[than], samples[name])
+
+    ctx.facts["images_per_second"] = {name: round(value, 2) for name, value in speed.items()}
+    fp32_bulk, fp32_single = speed[f"VGG16 fp32 b{batch}"], speed["VGG16 fp32 b1"]
+    notes = ", ".join(f"{name} {value:.1f}" for name, value in speed.items())
+    if "VGG16 int8" in extractors:
+        ctx.rows.append(
+            Row(
+                "4",
+                f"VGG16 int8 / VGG16 fp32 images/s, batch {batch}",
+                faster(f"VGG16 int8 b{batch}", f"VGG16 fp32 b{batch}"),
+                ">= 3.00",
+                f"{speed[f'VGG16 int8 b{batch}']:.1f} vs {fp32_bulk:.1f} img/s",
+            )
+        )
+        ctx.rows.append(
+            Row(
+                "4",
+                "VGG16 int8 / VGG16 fp32 images/s, batch 1",
+                faster("VGG16 int8 b1", "VGG16 fp32 b1"),
+                "",
+                f"{speed['VGG16 int8 b1']:.1f} vs {fp32_single:.1f} img/s",
+            )
+        )
+    if "MobileNetV2 int8" in extractors:
+        best = max(speed[f"MobileNetV2 int8 b{batch}"], speed["MobileNetV2 int8 b1"])
+        ctx.rows.append(
+            Row(
+                "4",
+                f"MobileNetV2 int8 / VGG16 fp32 images/s, batch {batch}",
+                faster(f"MobileNetV2 int8 b{batch}", f"VGG16 fp32 b{batch}"),
+                "",
+                f"{best:.0f} vs {max(fp32_bulk, fp32_single):.1f} img/s",
+            )
+        )
+    ctx.facts["speed_note"] = notes

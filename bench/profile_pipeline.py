@@ -1,0 +1,115 @@
+"""Where the time goes: cProfile of ``compute_features`` and of ``suggest()``, per backend.
+
+    python -m bench.profile_pipeline [--backend vgg16|int8|mobilenet] [--images 64] [--top 15]
+
+Runs on the library ``python -m bench --only extraction`` leaves in the work directory (run that
+first; it also exports the int8 model). cProfile sees the calling thread only, so the decoding
+threads' own time is measured separately (wall time spent inside ``features._decode``), and time
+the main thread spends waiting for them shows up as ``Future.result``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+SORT = os.environ.get("PROFILE_SORT", "tottime")
+
+from bench.common import DEFAULT_WORKDIR, MOBILENET, VGG16_FP32, feedme_split  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["vgg16", "int8", "mobilenet"], default="vgg16")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    args = parser.parse_args()
+
+    from bench.common import setup_django
+    from bench.extraction import base_settings, import_photos
+
+    model = args.workdir / "models" / "vgg16-random-seed0-224-int8.tflite"
+    configs = {
+        "vgg16": VGG16_FP32,
+        "int8": {"CLASS": "tflite", "OPTIONS": {"model_path": str(model)}},
+        "mobilenet": {"CLASS": "tflite", "OPTIONS": {"model_path": str(MOBILENET)}},
+    }
+    config = configs[args.backend]
+    if args.backend == "int8":
+        from imagetags.services.extractors.quantize import _output_tensor
+
+        config["OPTIONS"]["tensor"] = _output_tensor(str(model))[0]
+    setup_django(args.workdir, "profile", {**base_settings(args.batch_size), "EXTRACTOR": config})
+    from imagetags.services import features
+    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.extractors import warm_up
+    from imagetags.services.suggest import suggest
+
+    library, queries = feedme_split()
+    ids = import_photos(library[: args.images])
+    warm_up()
+    features.compute_features(ids, batch_size=args.batch_size, force=True)  # warm, vectors
+    rebuild_clusters(k=8)
+
+    decode_seconds = [0.0]
+    lock = threading.Lock()
+    real_decode = features._decode
+
+    def timed_decode(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        started = time.perf_counter()
+        try:
+            return real_decode(*a, **kw)
+        finally:
+            with lock:
+                decode_seconds[0] += time.perf_counter() - started
+
+    features._decode = timed_decode
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    summary = features.compute_features(ids, batch_size=args.batch_size, force=True)
+    profiler.disable()
+    wall = time.perf_counter() - started
+    print(f"compute_features, {args.backend}, {summary.ready} images, batch {args.batch_size}:")
+    print(
+        f"  wall {wall:.2f} s ({summary.ready / wall:.1f} img/s); decoding threads busy "
+        f"{decode_seconds[0]:.2f} s in total (overlapped with the main thread)"
+    )
+    _print(profiler, args.top)
+
+    profiler = cProfile.Profile()
+    paths = [str(photo.path) for photo in queries[:20]]
+    suggest(paths[0])
+    started = time.perf_counter()
+    profiler.enable()
+    for path in paths:
+        suggest(path)
+    profiler.disable()
+    wall = time.perf_counter() - started
+    print(
+        f"suggest(path), {args.backend}, {len(paths)} calls: {wall / len(paths) * 1000:.1f} ms each"
+    )
+    _print(profiler, args.top)
+
+
+def _print(profiler: cProfile.Profile, top: int) -> None:
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(SORT)
+    stats.print_stats(top)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
+    print("\n".join(lines[start - 1 : start + top + 1]))
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One rebuild-benchmark step in its own process, so that its peak RSS is its own.
+
+    python -m bench.rebuild_worker populate --name lib100k --n 100000 --dim 512
+    python -m bench.rebuild_worker rebuild --name lib100k --k 150 [--memory-mb 1024]
+
+``populate`` writes a synthetic library into ``<workdir>/<name>.sqlite3``: unit vectors drawn
+around 300 hidden topics, posts of one to three images sharing a topic, and tags — generic ones
+("food" on ~80 % of posts), four specific to each topic, and noise words — so that clusters and
+tag counts behave like a real library's. ``rebuild`` runs ``rebuild_clusters`` on it, the real
+path (chunked reads, mini-batch k-means or its streamed form, tag frequencies once per post,
+memberships, activation) and prints one JSON line: seconds per stage and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import DEFAULT_WORKDIR, setup_django
+
+TOPICS = 300
+NOISE_WORDS = 1000
+
+
+def extractor_config(dim: int) -> dict:
+    pooling = "flatten" if dim == 100_352 else "avg"
+    return {"CLASS": "vgg16", "OPTIONS": {"weights": None, "pooling": pooling, "seed": 0}}
+
+
+def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) -> dict:
+    setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim), "AUTO_FEATURES": False})
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from imagetags.models import FeatureStatus, Post, PostTag, StockImage, Tag
+    from imagetags.services import vectors
+    from imagetags.services.extractors import get_extractor
+
+    started = time.perf_counter()
+    key = get_extractor().key
+    assert get_extractor().dim == dim, (get_extractor().dim, dim)
+    rng = np.random.default_rng(seed)
+    topics = vectors.l2_normalize(rng.normal(size=(TOPICS, dim)).astype(np.float32))
+    # Noise so that an image's cosine to its topic is about 0.6, as CNN features of one kind of
+    # dish are to their mean.
+    sigma = np.float32(np.sqrt((1 / 0.6**2 - 1) / dim))
+    names = ["food", "tasty"] + [f"topic{t}-{j}" for t in range(TOPICS) for j in range(4)]
+    names += [f"word{w}" for w in range(NOISE_WORDS)]
+    Tag.objects.bulk_create([Tag(name=tag, slug=tag) for tag in names], batch_size=2000)
+    tag_ids = dict(Tag.objects.values_list("name", "pk"))
+    with connection.cursor() as cursor:  # bulk loading only: the benchmark owns this database
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=OFF")
+    now = timezone.now()
+    made = 0
+    chunk = max(1, min(5000, (256 * 2**20) // (dim * 4)))
+    while made < n:
+        with transaction.atomic():
+            sizes = []
+            total = 0
+            while total < min(chunk, n - made):
+                size = int(rng.choice([1, 1, 1, 1, 1, 1, 1, 2, 2, 3]))
+                size = min(size, min(chunk, n - made) - total)
+                sizes.append(size)
+                total += size
+            posts = Post.objects.bulk_create([Post(title="") for _ in sizes], batch_size=2000)
+            if any(post.pk is None for post in posts):
+                raise RuntimeError("bulk_create returned no primary keys")
+            post_topics = rng.integers(0, TOPICS, len(sizes))
+            post_tags = []
+            for post, topic in zip(posts, post_topics, strict=True):
+                chosen = {f"topic{topic}-{j}" for j in rng.choice(4, rng.integers(2, 5), False)}
+                if rng.random() < 0.8:
+                    chosen.add("food")
+                if rng.random() < 0.4:
+                    chosen.add("tasty")
+                if rng.random() < 0.5:
+                    chosen.add(f"word{rng.integers(NOISE_WORDS)}")
+                post_tags += [
+                    PostTag(post=post, tag_id=tag_ids[tag], source="imported") for tag in chosen
+                ]
+            PostTag.objects.bulk_create(post_tags, batch_size=2000)
+            image_topics = np.repeat(post_topics, sizes)
+            image_posts = np.repeat([post.pk for post in posts], sizes)
+            matrix = topics[image_topics] + sigma * rng.standard_normal(
+                (total, dim), dtype=np.float32
+            )
+            matrix = vectors.l2_normalize(matrix)
+            StockImage.objects.bulk_create(
+                [
+                    StockImage(
+                        post_id=int(post_id),
+                        image=f"bench/{made + i}.jpg",
+                        width=224,  # filled in, so Django does not open the (absent) file
+                        height=224,
+                        sha256=f"{made + i:064x}",
+                        feature_status=FeatureStatus.READY,
+                        extractor_key=key,
+                        vector=vectors.to_bytes(matrix[i], dtype),
+                        features_updated=now,
+                    )
+                    for i, post_id in enumerate(image_posts)
+                ],
+                batch_size=1000,
+            )
+            made += total
+            del matrix
+    return {"populated": n, "dim": dim, "dtype": dtype, "seconds": time.perf_counter() - started}
+
+
+def rebuild(workdir: Path, name: str, dim: int, k: int, memory_mb: float | None) -> dict:
+    settings = {"EXTRACTOR": extractor_config(dim), "AUTO_FEATURES": False}
+    if memory_mb is not None:
+        settings["REBUILD_MEMORY_MB"] = memory_mb
+    setup_django(workdir, name, settings, fresh_db=False)
+    from django.db.models import Avg
+
+    from imagetags.models import ClusterMembership, ClusterSet
+    from imagetags.services.clustering import rebuild_clusters
+
+    # Earlier runs' sets (and their memberships) go first, untimed: every run starts alike.
+    ClusterSet.objects.all().delete()
+    stamps: list[tuple[float, str]] = []
+    real_report = ClusterSet.report_progress
+
+    def report(self: ClusterSet, fraction: float, message: str) -> None:
+        stamps.append((time.perf_counter(), message))
+        real_report(self, fraction, message)
+
+    ClusterSet.report_progress = report  # the streamed fit reports each epoch here
+    baseline_mb = peak_rss_mb()
+    started = time.perf_counter()
+    cluster_set = rebuild_clusters(
+        k=k, algorithm="minibatch", progress=lambda m: stamps.append((time.perf_counter(), m))
+    )
+    total = time.perf_counter() - started
+    peak_mb = peak_rss_mb()
+    clustering = next(t for t, m in stamps if m.startswith("Clustering"))
+    converged = next(t for t, m in stamps if m.startswith("Converged"))
+    mean_similarity = ClusterMembership.objects.filter(cluster_set=cluster_set).aggregate(
+        Avg("similarity")
+    )["similarity__avg"]
+    return {
+        "n": cluster_set.n_images,
+        "dim": cluster_set.dim,
+        "k": cluster_set.k,
+        "streamed": bool(cluster_set.params.get("streamed")),
+        "iterations": cluster_set.iterations,
+        "seconds": total,
+        "read_seconds": clustering - started,
+        "fit_seconds": converged - clustering,
+        "write_seconds": started + total - converged,
+        "peak_rss_mb": peak_mb,
+        "baseline_rss_mb": baseline_mb,
+        "mean_similarity": mean_similarity,
+        "stages": [[round(t - started, 2), message] for t, message in stamps],
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent across fork and exec, so a child of a big process would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["populate", "rebuild"])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--k", type=int, default=150)
+    parser.add_argument("--memory-mb", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.step == "populate":
+        result = populate(args.workdir, args.name, args.n, args.dim, args.dtype, args.seed)
+    else:
+        result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

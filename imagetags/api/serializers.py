@@ -1,0 +1,279 @@
+"""Input validation and response shapes of the REST API; the work itself is in services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.utils.translation import gettext_lazy as _
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.fields import empty
+from rest_framework.utils import html
+
+from imagetags.conf import imagetags_settings
+from imagetags.models import Cluster, ClusterSet, Post, PostTag, StockImage, Tag
+from imagetags.services.images import InvalidImage
+from imagetags.services.posts import ShownSuggestion, validate_uploads
+from imagetags.services.suggest import MergedSuggestions, Suggestions
+from imagetags.services.tagging import InvalidTagName, clean_tag_name, parse_tag_input
+
+from .uploads import check_upload_size
+
+# A page of suggestion chips; asking for more is a client bug worth reporting.
+MAX_SUGGEST_LIMIT = 100
+
+
+class UploadListField(serializers.ListField):
+    """One or more files under one multipart field name (the field repeated for several)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Empty files reach open_image, which says "The file is empty." like every other path.
+        kwargs.setdefault("child", serializers.FileField(allow_empty_file=True, use_url=False))
+        kwargs.setdefault("allow_empty", False)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        files = super().to_internal_value(data)
+        for upload in files:
+            check_upload_size(upload)
+        return files
+
+
+@extend_schema_field({"type": "array", "items": {"type": "string"}})
+class TagListField(serializers.Field):
+    """Tag names typed like django-taggit's TagField: commas separate, double quotes group, and
+    without either, spaces separate. The field may be repeated; every value is parsed."""
+
+    default_error_messages = {"invalid": _("Send tag names as text.")}
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("required", False)
+        kwargs.setdefault("default", list)
+        super().__init__(**kwargs)
+
+    def get_value(self, dictionary: Any) -> Any:
+        if html.is_html_input(dictionary):
+            return dictionary.getlist(self.field_name) if self.field_name in dictionary else empty
+        return dictionary.get(self.field_name, empty)
+
+    def to_internal_value(self, data: Any) -> list[str]:
+        values = [data] if isinstance(data, str) else data
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            self.fail("invalid")
+        names: list[str] = []
+        for text in values:
+            for name in parse_tag_input(text):
+                try:
+                    names.append(clean_tag_name(name))
+                except InvalidTagName as exc:
+                    raise serializers.ValidationError(str(exc)) from None
+        return list(dict.fromkeys(names))
+
+    def to_representation(self, value: Any) -> list[str]:
+        return list(value)
+
+
+class SuggestionParamsSerializer(serializers.Serializer):
+    """How many suggestions, how common a tag must be, and which tags to leave out."""
+
+    limit = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_SUGGEST_LIMIT,
+        help_text="Most tags to return (default: the SUGGEST_LIMIT setting).",
+    )
+    threshold = serializers.FloatField(
+        required=False,
+        min_value=0.0,
+        max_value=1.0,
+        help_text="Only tags on at least this share of the nearest cluster's posts.",
+    )
+    exclude = TagListField(
+        help_text="Tags to leave out (e.g. those the post already has), typed like tag input: "
+        "commas separate, double quotes group."
+    )
+
+
+class SuggestionRequestSerializer(SuggestionParamsSerializer):
+    image = UploadListField(
+        help_text="The image; repeat the field for the images of one post (suggestions merge)."
+    )
+
+    def validate_image(self, files: list[Any]) -> list[Any]:
+        # The upload rules of every other path (format from the bytes, pixel cap, file count),
+        # with the file at fault named; a bad file must not cost a forward pass.
+        try:
+            validate_uploads(files)
+        except InvalidImage as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return files
+
+
+class SuggestedTagSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    score = serializers.FloatField(help_text="Share of the cluster's posts that carry the tag.")
+    post_count = serializers.IntegerField()
+    cluster_posts = serializers.IntegerField()
+    evidence = serializers.CharField(help_text='e.g. "in 9 of 40 similar posts"')
+
+
+class SuggestionsSerializer(serializers.Serializer):
+    """Suggested tags for one image, or for several merged (each tag keeps its best score)."""
+
+    tags = SuggestedTagSerializer(many=True)
+    cluster = serializers.IntegerField(
+        allow_null=True, help_text="The nearest cluster's id; null when several images were sent."
+    )
+    clusters = serializers.ListField(
+        child=serializers.IntegerField(), help_text="The nearest cluster of each image, in order."
+    )
+    cluster_set = serializers.IntegerField(help_text="The cluster set (version) that answered.")
+    extractor = serializers.CharField(help_text="Key of the feature extractor.")
+
+    def to_representation(self, instance: Suggestions | MergedSuggestions) -> dict[str, Any]:
+        per_image = instance.per_image if isinstance(instance, MergedSuggestions) else [instance]
+        return super().to_representation(
+            {
+                "tags": instance.tags,
+                "cluster": per_image[0].cluster if len(per_image) == 1 else None,
+                "clusters": [result.cluster for result in per_image],
+                "cluster_set": per_image[0].cluster_set,
+                "extractor": per_image[0].extractor,
+            }
+        )
+
+
+class TagSerializer(serializers.ModelSerializer):
+    post_count = serializers.IntegerField(read_only=True, help_text="Posts carrying the tag.")
+
+    class Meta:
+        model = Tag
+        fields = ["id", "name", "slug", "post_count"]
+
+
+class PostImageSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = StockImage
+        fields = ["id", "url", "width", "height", "feature_status"]
+
+    def get_url(self, image: StockImage) -> str:
+        request = self.context.get("request")
+        url = image.image.url
+        return request.build_absolute_uri(url) if request is not None else url
+
+
+class PostTagSerializer(serializers.ModelSerializer):
+    name = serializers.CharField(source="tag.name")
+
+    class Meta:
+        model = PostTag
+        fields = ["name", "source"]
+
+
+class PostSerializer(serializers.ModelSerializer):
+    images = PostImageSerializer(many=True, read_only=True)
+    tags = PostTagSerializer(source="post_tags", many=True, read_only=True)
+
+    class Meta:
+        model = Post
+        fields = ["id", "title", "owner", "created", "images", "tags"]
+
+
+class ShownSuggestionSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    score = serializers.FloatField(required=False, allow_null=True)
+    rank = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=32767)
+
+
+class PostCreateSerializer(serializers.Serializer):
+    images = UploadListField(help_text="The post's images; repeat the field for several.")
+    title = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    tags = TagListField(help_text="Tags the person typed (source typed).")
+    suggested_tags = TagListField(
+        help_text="Suggestions the person accepted (source suggested; wins over tags)."
+    )
+    shown_suggestions = serializers.JSONField(
+        required=False,
+        help_text=(
+            'JSON list of the suggestions that were shown: names, or objects {"name", "score", '
+            '"rank"}; rank defaults to the position. One feedback row is saved per item.'
+        ),
+    )
+    cluster_set = serializers.PrimaryKeyRelatedField(
+        queryset=ClusterSet.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="The cluster_set of the suggestion response the shown suggestions came from.",
+    )
+
+    def validate_shown_suggestions(self, value: Any) -> list[ShownSuggestion]:
+        if not isinstance(value, list):
+            raise serializers.ValidationError("Expected a JSON list of names or objects.")
+        items = [{"name": item} if isinstance(item, str) else item for item in value]
+        nested = ShownSuggestionSerializer(data=items, many=True)
+        if not nested.is_valid():
+            raise serializers.ValidationError(nested.errors)
+        return [
+            ShownSuggestion(
+                name=item["name"],
+                score=item.get("score"),
+                rank=item.get("rank") or position,
+            )
+            for position, item in enumerate(nested.validated_data, start=1)
+        ]
+
+
+class ClusterTagSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    post_count = serializers.IntegerField()
+    score = serializers.FloatField(help_text="Share of the cluster's posts that carry the tag.")
+
+
+class ClusterSerializer(serializers.ModelSerializer):
+    top_tags = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Cluster
+        fields = ["id", "cluster_set", "index", "size", "post_count", "top_tags"]
+
+    @extend_schema_field(ClusterTagSerializer(many=True))
+    def get_top_tags(self, cluster: Cluster) -> list[dict[str, Any]]:
+        # tag_frequencies is prefetched in frequency order (see ClusterViewSet).
+        top = self.context.get("top") or imagetags_settings.SUGGEST_LIMIT
+        posts = cluster.post_count or 1
+        return [
+            {
+                "name": row.tag.name,
+                "post_count": row.post_count,
+                "score": round(row.post_count / posts, 4),
+            }
+            for row in list(cluster.tag_frequencies.all())[:top]
+        ]
+
+
+class ClusterFilterSerializer(serializers.Serializer):
+    cluster_set = serializers.IntegerField(
+        required=False, min_value=1, help_text="Clusters of this set (default: the active set)."
+    )
+    top = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=1000,
+        help_text="Top tags per cluster (default: the SUGGEST_LIMIT setting).",
+    )
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+# A 400 as DRF sends it: field errors {"field": ["message", ...]}, or {"detail": "message"} when
+# the body could not be parsed at all.
+FIELD_ERRORS_SCHEMA = {
+    "type": "object",
+    "additionalProperties": {
+        "oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]
+    },
+}

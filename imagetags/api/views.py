@@ -1,0 +1,400 @@
+"""REST API views: validate the input, call imagetags.services, shape the answer.
+
+Every view takes its authentication, permission and throttle classes from the IMAGETAGS
+settings when a request comes in (not at import, so ``override_settings`` works), and turns
+every kind of bad input into a DRF error response: 400 field errors, 413 for oversized uploads,
+415 for a body that is not multipart, 409 when there is nothing to suggest from yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import (
+    ImproperlyConfigured,
+    RequestDataTooBig,
+    SuspiciousMultipartForm,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
+from django.db.models import Count, Prefetch, QuerySet
+from django.http.multipartparser import MultiPartParserError
+from django.utils.module_loading import import_string
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
+from rest_framework import mixins, status, viewsets
+from rest_framework.exceptions import APIException, ParseError, ValidationError
+from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.generics import GenericAPIView
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+
+from imagetags.conf import imagetags_settings
+from imagetags.models import (
+    Cluster,
+    ClusterSetStatus,
+    FeedbackChannel,
+    Post,
+    PostTag,
+    StockImage,
+    Tag,
+    TagFrequency,
+)
+from imagetags.services.images import InvalidImage
+from imagetags.services.posts import create_post
+from imagetags.services.suggest import (
+    SuggestionUnavailable,
+    suggest,
+    suggest_many,
+    suggest_method,
+)
+
+from .serializers import (
+    FIELD_ERRORS_SCHEMA,
+    ClusterFilterSerializer,
+    ClusterSerializer,
+    ErrorSerializer,
+    PostCreateSerializer,
+    PostSerializer,
+    SuggestionParamsSerializer,
+    SuggestionRequestSerializer,
+    SuggestionsSerializer,
+    TagSerializer,
+)
+from .uploads import PayloadTooLarge, guard_upload
+
+
+class SuggestionsUnavailable(APIException):
+    """409: the library has no active clusters yet, or they belong to another extractor."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "Suggestions are not available yet."
+    default_code = "suggestions_unavailable"
+
+
+def configured_classes(key: str) -> list[type]:
+    """The classes named by the dotted paths of ``IMAGETAGS[key]``, imported now."""
+    paths = getattr(imagetags_settings, key)
+    if not isinstance(paths, list | tuple):
+        raise ImproperlyConfigured(f"IMAGETAGS[{key!r}] must be a list of dotted paths.")
+    classes = []
+    for path in paths:
+        try:
+            classes.append(import_string(path) if isinstance(path, str) else path)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"IMAGETAGS[{key!r}]: {path!r} could not be imported ({exc})."
+            ) from exc
+    return classes
+
+
+def as_api_exception(exc: Exception) -> Exception:
+    """Django's multipart limits as DRF errors, so they get a JSON body, not an HTML page.
+
+    DRF's parser converts malformed bodies (``MultiPartParserError``) itself, but lets
+    Django's ``DATA_UPLOAD_MAX_*`` refusals through as ``SuspiciousOperation``.
+    """
+    if isinstance(exc, RequestDataTooBig):
+        return PayloadTooLarge(
+            "The form fields (other than files) are larger than the limit of "
+            f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes."
+        )
+    if isinstance(exc, TooManyFilesSent):
+        return ParseError(
+            f"Too many files in one request (more than {settings.DATA_UPLOAD_MAX_NUMBER_FILES})."
+        )
+    if isinstance(exc, TooManyFieldsSent):
+        return ParseError(
+            f"Too many form fields in one request (more than "
+            f"{settings.DATA_UPLOAD_MAX_NUMBER_FIELDS})."
+        )
+    if isinstance(exc, MultiPartParserError | SuspiciousMultipartForm):
+        return ParseError(f"Malformed multipart data: {exc}")
+    return exc
+
+
+@contextlib.contextmanager
+def service_errors(file_field: str = "image") -> Iterator[None]:
+    """409 when suggestions cannot be made yet; 400 on ``file_field`` for a bad image."""
+    try:
+        yield
+    except SuggestionUnavailable as exc:
+        raise SuggestionsUnavailable(str(exc)) from exc
+    except InvalidImage as exc:
+        raise ValidationError({file_field: [str(exc)]}) from exc
+
+
+class ImageTagsPagination(PageNumberPagination):
+    """Pages of ``API_PAGE_SIZE`` items; ``?page_size=`` up to ten times that."""
+
+    page_size_query_param = "page_size"
+
+    @property
+    def page_size(self) -> int:
+        return imagetags_settings.API_PAGE_SIZE
+
+    @property
+    def max_page_size(self) -> int:
+        return 10 * imagetags_settings.API_PAGE_SIZE
+
+
+class ImageTagsAPIMixin:
+    """Policies from the IMAGETAGS settings, upload guards, and DRF-shaped parse errors."""
+
+    throttle_scope = "imagetags"
+    pagination_class = ImageTagsPagination
+
+    def get_authenticators(self) -> list[Any]:
+        if imagetags_settings.API_AUTHENTICATION_CLASSES is None:
+            return [cls() for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+        return [cls() for cls in configured_classes("API_AUTHENTICATION_CLASSES")]
+
+    def get_permissions(self) -> list[Any]:
+        return [cls() for cls in configured_classes("API_PERMISSION_CLASSES")]
+
+    def get_throttles(self) -> list[Any]:
+        return [cls() for cls in configured_classes("API_THROTTLE_CLASSES")]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # Before authentication: session authentication reads the body (CSRF check).
+        guard_upload(request)
+        super().initial(request, *args, **kwargs)
+
+    def handle_exception(self, exc: Exception) -> Response:
+        return super().handle_exception(as_api_exception(exc))
+
+
+_ERROR = ErrorSerializer
+ERROR_RESPONSES = {
+    400: OpenApiResponse(
+        FIELD_ERRORS_SCHEMA,
+        description='Invalid input: field errors such as {"image": ["photo.jpg: The file is '
+        'not an image (…)."]}, or {"detail": …} for a malformed multipart body.',
+    ),
+    401: OpenApiResponse(
+        _ERROR,
+        description="Not authenticated, with a WWW-Authenticate challenge (when the first "
+        "authentication class has one, e.g. Basic or Token).",
+    ),
+    403: OpenApiResponse(
+        _ERROR,
+        description="Not authenticated (session authentication), CSRF check failed, or "
+        "permission denied.",
+    ),
+    404: OpenApiResponse(_ERROR, description="No such object."),
+    409: OpenApiResponse(
+        _ERROR,
+        description="No suggestions possible yet: the library has no clusters, or they were "
+        "built with another extractor. The detail says which command fixes it.",
+    ),
+    413: OpenApiResponse(
+        _ERROR,
+        description="A file is larger than MAX_UPLOAD_BYTES, or the body cannot fit the upload "
+        "limits (refused before it is read).",
+    ),
+    415: OpenApiResponse(_ERROR, description="The body is not multipart/form-data."),
+    429: OpenApiResponse(_ERROR, description="Throttled: try again after Retry-After seconds."),
+}
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After",
+    OpenApiTypes.INT,
+    location=OpenApiParameter.HEADER,
+    response=[429],
+    description="Seconds until the throttle lets the client in again.",
+)
+
+
+def errors(*codes: int) -> dict[int, OpenApiResponse]:
+    """Documented error responses; every endpoint can also answer 401, 403 and 429."""
+    return {code: ERROR_RESPONSES[code] for code in (*codes, 401, 403, 429)}
+
+
+class SuggestionView(ImageTagsAPIMixin, GenericAPIView):
+    """Suggested tags for uploaded images (nothing is saved)."""
+
+    parser_classes = [MultiPartParser]
+    serializer_class = SuggestionRequestSerializer
+
+    @extend_schema(
+        operation_id="imagetags_suggest",
+        summary="Suggest tags for uploaded images",
+        description="Send one `image` for its suggestions, or repeat the field for the images "
+        "of one post: suggestions are then merged (each tag keeps its best score). "
+        "Nothing is stored.",
+        request={"multipart/form-data": SuggestionRequestSerializer},
+        responses={200: SuggestionsSerializer, **errors(400, 409, 413, 415)},
+        parameters=[RETRY_AFTER],
+    )
+    def post(self, request: Request) -> Response:
+        params = self.get_serializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        options = dict(params.validated_data)
+        files = options.pop("image")
+        with service_errors("image"):
+            if len(files) == 1:
+                result = suggest(files[0], **options)
+            else:
+                result = suggest_many(files, **options)
+        return Response(SuggestionsSerializer(result).data)
+
+
+class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
+    """Suggested tags for a stored image (its stored vector when current)."""
+
+    queryset = StockImage.objects.all()
+    serializer_class = SuggestionParamsSerializer
+
+    @extend_schema(
+        operation_id="imagetags_image_suggestions",
+        summary="Suggest tags for a stored image",
+        description="Uses the image's stored feature vector when it is current, else embeds "
+        "its file now. The image's own post is part of the library, so pass `exclude` to "
+        "leave out the tags it already has.",
+        parameters=[SuggestionParamsSerializer, RETRY_AFTER],
+        responses={200: SuggestionsSerializer, **errors(400, 404, 409)},
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        image = self.get_object()
+        params = self.get_serializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        with service_errors():
+            try:
+                result = suggest(image, **params.validated_data)
+            except (InvalidImage, OSError) as exc:
+                # The client sent nothing wrong: the stored image has no vector yet and its
+                # file cannot be read, which is the library's state, not a bad request.
+                raise SuggestionsUnavailable(
+                    f"Image {image.pk} has no current feature vector and its file cannot be "
+                    f"read: {exc}"
+                ) from exc
+        return Response(SuggestionsSerializer(result).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List tags with usage counts", responses={200: TagSerializer(many=True), **errors()}
+    ),
+    retrieve=extend_schema(
+        summary="A tag with its usage count", responses={200: TagSerializer, **errors(404)}
+    ),
+)
+class TagViewSet(ImageTagsAPIMixin, viewsets.ReadOnlyModelViewSet):
+    """Tags with the number of posts carrying each; ``?search=`` and ``?ordering=``."""
+
+    serializer_class = TagSerializer
+    filter_backends = [SearchFilter, OrderingFilter]
+    search_fields = ["name"]
+    ordering_fields = ["name", "post_count"]
+    ordering = ["name"]
+
+    def get_queryset(self) -> QuerySet[Tag]:
+        return Tag.objects.annotate(post_count=Count("post_tags"))
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List posts", responses={200: PostSerializer(many=True), **errors()}
+    ),
+    retrieve=extend_schema(
+        summary="A post with its images and tags", responses={200: PostSerializer, **errors(404)}
+    ),
+    create=extend_schema(
+        summary="Create a post from uploaded images and tags",
+        description="Saves the images, the typed `tags` (source typed) and the accepted "
+        "`suggested_tags` (source suggested), and one feedback row per item of "
+        "`shown_suggestions`. All or nothing: a bad file or tag saves no row and no file.",
+        request={"multipart/form-data": PostCreateSerializer},
+        responses={201: PostSerializer, **errors(400, 413, 415)},
+        parameters=[RETRY_AFTER],
+    ),
+)
+class PostViewSet(ImageTagsAPIMixin, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Posts with their images' URLs and their tags with sources; create with uploads."""
+
+    parser_classes = [MultiPartParser]
+    queryset = Post.objects.prefetch_related(
+        "images",
+        Prefetch("post_tags", queryset=PostTag.objects.select_related("tag").order_by("tag__name")),
+    )
+
+    def get_serializer_class(self) -> type:
+        return PostCreateSerializer if self.action == "create" else PostSerializer
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        params = self.get_serializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        shown = data.get("shown_suggestions", [])
+        with service_errors("images"):
+            post = create_post(
+                files=data["images"],
+                title=data["title"],
+                typed_tags=data["tags"],
+                accepted_tags=data["suggested_tags"],
+                shown=shown,
+                owner=request.user,
+                channel=FeedbackChannel.API,
+                cluster_set=data.get("cluster_set"),
+                method=suggest_method() if shown else "",
+            )
+        post = self.get_queryset().get(pk=post.pk)
+        body = PostSerializer(post, context=self.get_serializer_context()).data
+        location = self.reverse_action("detail", args=[post.pk])
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
+
+
+_CLUSTER_FILTERS = [ClusterFilterSerializer]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Clusters of the active set (or ?cluster_set=) with their top tags",
+        parameters=_CLUSTER_FILTERS,
+        responses={200: ClusterSerializer(many=True), **errors(400)},
+    ),
+    retrieve=extend_schema(
+        summary="A cluster with its top tags",
+        parameters=_CLUSTER_FILTERS,
+        responses={200: ClusterSerializer, **errors(400, 404)},
+    ),
+)
+class ClusterViewSet(ImageTagsAPIMixin, viewsets.ReadOnlyModelViewSet):
+    """Clusters with their most frequent tags (post counts and shares of the cluster's posts)."""
+
+    serializer_class = ClusterSerializer
+
+    def filters(self) -> dict[str, Any]:
+        params = ClusterFilterSerializer(data=self.request.query_params)
+        params.is_valid(raise_exception=True)
+        return params.validated_data
+
+    def get_queryset(self) -> QuerySet[Cluster]:
+        frequencies = TagFrequency.objects.select_related("tag").order_by(
+            "-post_count", "tag__name"
+        )
+        queryset = Cluster.objects.prefetch_related(
+            Prefetch("tag_frequencies", queryset=frequencies)
+        ).order_by("cluster_set", "index")
+        if self.action != "list":
+            return queryset  # any set's cluster by id, retired ones included
+        cluster_set = self.filters().get("cluster_set")
+        if cluster_set is None:
+            return queryset.filter(cluster_set__status=ClusterSetStatus.ACTIVE)
+        return queryset.filter(cluster_set_id=cluster_set)
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()
+        if getattr(self, "request", None) is not None:
+            context["top"] = self.filters().get("top")
+        return context

@@ -1,0 +1,581 @@
+"""Upload form and the tag field with suggestions.
+
+- :class:`SuggestedTagsField` (widget :class:`~imagetags.widgets.TagSuggestionWidget`) can go on
+  any form or ModelForm: typed tags are parsed like django-taggit's ``TagField`` (commas and
+  quoted names), and the cleaned value (:class:`TagSelection`, a list of names) also says which
+  of them were accepted suggestions and which suggestions were shown, for ``create_post`` and its
+  feedback records.
+- :class:`PostUploadForm` is the ready upload form (one or more images, a title, tags).
+
+Without JavaScript the upload form works in two steps: *upload → suggestions as checkboxes →
+save*. Between the steps the files are kept by :class:`PendingUpload`, in a folder of the default
+storage (``PENDING_UPLOAD_TO``), named by random ids; the page carries a signed, timestamped token
+that lists them. This was chosen over saving the post first as a "draft" because a draft would be
+a real Post: it would need a status column, would appear in galleries, frequencies and the API
+until finished, and an abandoned draft would have to be found and deleted. Kept files are
+invisible to everything else, are deleted when the post is saved, and expired ones (older than
+``PENDING_UPLOAD_MAX_AGE``) are swept at the next upload. The same mechanism keeps the images
+when a submission with valid images fails on another field, so nobody has to choose them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.core import signing
+from django.core.files import File
+from django.core.files.storage import Storage
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from PIL import Image, UnidentifiedImageError
+
+from imagetags.conf import imagetags_settings
+from imagetags.models import ClusterSet, FeedbackChannel, Post, StockImage, normalize_tag_name
+from imagetags.services.images import InvalidImage
+from imagetags.services.posts import (
+    ShownSuggestion,
+    create_post,
+    discard_files_on_error,
+    validate_uploads,
+)
+from imagetags.services.suggest import (
+    MergedSuggestions,
+    NoActiveClusters,
+    SuggestedTag,
+    SuggestionUnavailable,
+    suggest_many,
+)
+from imagetags.services.tagging import InvalidTagName, clean_tag_name, parse_tag_input
+from imagetags.widgets import TagSuggestionWidget
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MultipleImageField",
+    "PendingUpload",
+    "PendingUploadError",
+    "PostUploadForm",
+    "SuggestedTagsField",
+    "TagSelection",
+    "human_size",
+    "suggestion_method",
+    "unavailable_message",
+]
+
+
+def suggestion_method(merged: MergedSuggestions) -> str:
+    """The method that ranked merged suggestions, for feedback records."""
+    return merged.per_image[0].method if merged.per_image else ""
+
+
+def unavailable_message(exc: SuggestionUnavailable) -> str:
+    """What a person uploading is told when no suggestions can be made (the exception's own
+    message, with its `manage.py` advice, is for the site's staff)."""
+    if isinstance(exc, NoActiveClusters):
+        return str(_("No suggestions yet: this site's image library has not been clustered."))
+    return str(_("Suggestions are unavailable until the site's image library is clustered again."))
+
+
+def human_size(size: int) -> str:
+    """A byte count as a person reads it: 20 MB, 60 KB, 500 bytes (the script says the same)."""
+    if size >= 2**20:
+        return f"{size / 2**20:.1f}".removesuffix(".0") + " MB"
+    if size >= 2**10:
+        return f"{size / 2**10:.0f} KB"
+    return f"{size} bytes"
+
+
+class TagSelection(list[str]):
+    """The cleaned value of :class:`SuggestedTagsField`: the tag names, in order.
+
+    It is a plain list of names for code that only wants the tags, and it also carries
+    ``accepted`` (the names that came from suggestions), ``shown`` (every suggestion shown, in
+    rank order, for feedback), ``cluster_set_id`` and ``method`` (what answered), and
+    ``channel`` (``widget`` or ``form``).
+    """
+
+    def __init__(
+        self,
+        names: Iterable[str] = (),
+        *,
+        accepted: Iterable[str] = (),
+        shown: Iterable[ShownSuggestion] = (),
+        cluster_set_id: int | None = None,
+        method: str = "",
+        channel: str = FeedbackChannel.FORM,
+    ) -> None:
+        super().__init__(names)
+        self.accepted = list(accepted)
+        self.shown = list(shown)
+        self.cluster_set_id = cluster_set_id
+        self.method = method
+        self.channel = channel
+
+    @property
+    def typed(self) -> list[str]:
+        """Names the person typed (or ticked without them being suggestions)."""
+        accepted = set(self.accepted)
+        return [name for name in self if name not in accepted]
+
+    def state(self) -> dict[str, Any]:
+        """The JSON-ready form of what the widget keeps in its hidden input."""
+        return {
+            "channel": self.channel,
+            "cluster_set": self.cluster_set_id,
+            "method": self.method,
+            "shown": [
+                {"name": item.name, "score": item.score, "rank": item.rank} for item in self.shown
+            ],
+            "accepted": list(self.accepted),
+        }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# A method name as SuggestionFeedback.method stores it ("cluster", "ivf"): short and plain.
+_METHOD_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def parse_widget_state(raw: str) -> TagSelection:
+    """Read the widget's hidden JSON (shown suggestions, accepted names, cluster set, channel).
+
+    The value comes from the client and only feeds feedback records, so anything malformed is
+    dropped rather than turned into an error that would block saving the person's post.
+    """
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    shown: list[ShownSuggestion] = []
+    seen: set[str] = set()
+    for item in _list(data.get("shown")):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        name = normalize_tag_name(item["name"])
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        rank = item.get("rank")
+        shown.append(
+            ShownSuggestion(
+                name=name,
+                score=_number(item.get("score")),
+                rank=rank if isinstance(rank, int) and 0 < rank < 32768 else None,
+            )
+        )
+    accepted = [
+        normalize_tag_name(name) for name in _list(data.get("accepted")) if isinstance(name, str)
+    ]
+    cluster_set = data.get("cluster_set")
+    method = data.get("method")
+    channel = data.get("channel")
+    return TagSelection(
+        accepted=accepted,
+        shown=shown,
+        cluster_set_id=cluster_set if isinstance(cluster_set, int) else None,
+        method=method if isinstance(method, str) and _METHOD_NAME.fullmatch(method) else "",
+        channel=channel if channel in FeedbackChannel.values else FeedbackChannel.FORM,
+    )
+
+
+class SuggestedTagsField(forms.Field):
+    """Tags typed as text (``salmon, "cuba libre", rice``) or taken from suggestions.
+
+    The widget sends three things: the text, the suggestions ticked on the no-JavaScript page,
+    and a hidden JSON state written by the chips' script. The cleaned value is a
+    :class:`TagSelection`: every name (typed and ticked), with ``accepted`` limited to names that
+    really were shown as suggestions and are still in the tags.
+    """
+
+    widget = TagSuggestionWidget
+    default_error_messages = {
+        "too_many": _("At most %(limit)s tags; %(count)s were given."),
+    }
+
+    def __init__(
+        self,
+        *,
+        images_field: str | None = None,
+        suggest_url: str | None = None,
+        max_tags: int = 50,
+        **kwargs: Any,
+    ) -> None:
+        """``images_field``: name of the file input whose images get suggestions (default
+        ``images``); ``suggest_url``: the JSON view (default ``imagetags:suggestions``)."""
+        kwargs.setdefault(
+            "help_text",
+            _('Separate tags with commas; put a name with a comma in "double quotes".'),
+        )
+        super().__init__(**kwargs)
+        self.max_tags = max_tags
+        if images_field is not None:
+            self.widget.images_field = images_field
+        if suggest_url is not None:
+            self.widget.suggest_url = suggest_url
+
+    def to_python(self, value: Any) -> TagSelection:
+        if isinstance(value, TagSelection):
+            return value
+        if isinstance(value, dict):
+            text, ticked = value.get("text") or "", value.get("ticked") or []
+            selection = parse_widget_state(value.get("state") or "")
+        elif isinstance(value, list | tuple):
+            text, ticked, selection = "", list(value), TagSelection()
+        else:
+            text, ticked, selection = str(value or ""), [], TagSelection()
+        names = list(dict.fromkeys(parse_tag_input(text) + [normalize_tag_name(t) for t in ticked]))
+        errors = []
+        for name in names:
+            try:
+                clean_tag_name(name)
+            except InvalidTagName as exc:
+                errors.append(forms.ValidationError(str(exc), code="invalid_tag"))
+        if errors:
+            raise forms.ValidationError(errors)
+        if len(names) > self.max_tags:
+            raise forms.ValidationError(
+                self.error_messages["too_many"],
+                code="too_many",
+                params={"limit": self.max_tags, "count": len(names)},
+            )
+        shown_names = {item.name for item in selection.shown}
+        # Ticked boxes are accepted suggestions too; anything not shown is simply a typed tag.
+        candidates = selection.accepted + [normalize_tag_name(t) for t in ticked]
+        accepted = [n for n in dict.fromkeys(candidates) if n in shown_names and n in names]
+        return TagSelection(
+            names,
+            accepted=accepted,
+            shown=selection.shown,
+            cluster_set_id=selection.cluster_set_id,
+            method=selection.method,
+            channel=selection.channel,
+        )
+
+    def prepare_value(self, value: Any) -> Any:
+        return value
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        try:
+            return list(self.to_python(initial)) != list(self.to_python(data))
+        except forms.ValidationError:
+            return True
+
+
+class MultipleImageInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleImageField(forms.FileField):
+    """One or more image files, each checked with the site's upload rules (``open_image``)."""
+
+    widget = MultipleImageInput
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("widget", MultipleImageInput(attrs={"accept": "image/*"}))
+        super().__init__(**kwargs)
+
+    def clean(self, data: Any, initial: Any = None) -> list[Any]:
+        uploads = [item for item in (data if isinstance(data, list | tuple) else [data]) if item]
+        if not uploads:
+            if self.required:
+                raise forms.ValidationError(_("Choose at least one image."), code="required")
+            return []
+        cleaned = [super(MultipleImageField, self).clean(item, initial) for item in uploads]
+        try:
+            validate_uploads(cleaned)
+        except InvalidImage as exc:
+            raise forms.ValidationError(str(exc), code="invalid_image") from None
+        return cleaned
+
+
+class PendingUploadError(ValueError):
+    """A kept upload cannot be used; the message says why and what to do."""
+
+
+_PENDING_SALT = "imagetags.forms.PendingUpload"
+# Extensions by the format Pillow reads from the bytes (never the client's file name).
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
+
+
+def _pending_storage() -> Storage:
+    # The storage the post's images will go to, so the files live where they will end up.
+    return StockImage._meta.get_field("image").storage
+
+
+def _extension(upload: Any) -> str:
+    try:
+        upload.seek(0)
+        with Image.open(upload) as image:  # reads the header only
+            fmt = (image.format or "").upper()
+    except (OSError, UnidentifiedImageError):
+        fmt = ""
+    finally:
+        upload.seek(0)
+    return _EXTENSIONS.get(fmt, fmt.lower() or "img")
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """Uploaded files kept between the two steps of the form (see the module docstring).
+
+    ``files`` pairs the stored name with the name the person's file had; ``token`` is what the
+    page carries: signed and timestamped, so it cannot be forged, pointed at other files, used
+    by another user, or used after ``PENDING_UPLOAD_MAX_AGE``.
+    """
+
+    token: str
+    files: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def store(cls, uploads: Sequence[Any], user: Any = None) -> PendingUpload:
+        """Keep already validated uploads; all or nothing."""
+        purge_expired_pending_uploads()
+        storage = _pending_storage()
+        folder = imagetags_settings.PENDING_UPLOAD_TO
+        batch = secrets.token_hex(16)
+        kept: list[tuple[str, str]] = []
+        with discard_files_on_error(storage) as stored:
+            for index, upload in enumerate(uploads):
+                name = storage.save(f"{folder}{batch}-{index}.{_extension(upload)}", upload)
+                stored.append(name)
+                original = (getattr(upload, "name", "") or name).replace("\\", "/").rsplit("/")[-1]
+                kept.append((name, original))
+        payload = {"u": _user_key(user), "f": kept}
+        return cls(signing.dumps(payload, salt=_PENDING_SALT, compress=True), tuple(kept))
+
+    @classmethod
+    def load(cls, token: str, user: Any = None) -> PendingUpload:
+        """The kept upload a token names; :class:`PendingUploadError` if it cannot be used."""
+        max_age = imagetags_settings.PENDING_UPLOAD_MAX_AGE
+        try:
+            payload = signing.loads(token, salt=_PENDING_SALT, max_age=max_age)
+        except signing.SignatureExpired:
+            raise PendingUploadError(
+                _("Your images from the previous step have expired; choose them again.")
+            ) from None
+        except signing.BadSignature:
+            raise PendingUploadError(
+                _("The kept images could not be found; choose them again.")
+            ) from None
+        folder = imagetags_settings.PENDING_UPLOAD_TO
+        files = tuple((str(stored), str(original)) for stored, original in payload.get("f", []))
+        if payload.get("u") != _user_key(user) or not all(
+            stored.startswith(folder) for stored, _original in files
+        ):
+            raise PendingUploadError(_("The kept images could not be found; choose them again."))
+        storage = _pending_storage()
+        if not files or not all(storage.exists(stored) for stored, _original in files):
+            raise PendingUploadError(
+                _(
+                    "Your images from the previous step are gone (already saved or expired); "
+                    "choose them again."
+                )
+            )
+        return cls(token, files)
+
+    def open(self) -> list[File]:
+        """The kept files, opened, under the names the person's files had."""
+        storage = _pending_storage()
+        return [File(storage.open(stored, "rb"), name=original) for stored, original in self.files]
+
+    def previews(self) -> list[dict[str, str]]:
+        """Name and URL of each kept file, for thumbnails on the second step."""
+        storage = _pending_storage()
+        out = []
+        for stored, original in self.files:
+            try:
+                url = storage.url(stored)
+            except NotImplementedError:  # a storage without URLs: names only
+                url = ""
+            out.append({"name": original, "url": url})
+        return out
+
+    def discard(self) -> None:
+        storage = _pending_storage()
+        for stored, _original in self.files:
+            try:
+                storage.delete(stored)
+            except OSError:  # the post is saved; a leftover file is swept once it expires
+                logger.warning("Could not delete kept upload %s", stored, exc_info=True)
+
+
+def _user_key(user: Any) -> int | str | None:
+    return user.pk if getattr(user, "is_authenticated", False) else None
+
+
+def purge_expired_pending_uploads() -> int:
+    """Delete kept files older than ``PENDING_UPLOAD_MAX_AGE`` (abandoned second steps)."""
+    storage = _pending_storage()
+    folder = imagetags_settings.PENDING_UPLOAD_TO
+    cutoff = timezone.now() - timedelta(seconds=imagetags_settings.PENDING_UPLOAD_MAX_AGE)
+    try:
+        _dirs, names = storage.listdir(folder)
+    except (FileNotFoundError, NotImplementedError):
+        return 0
+    removed = 0
+    for name in names:
+        try:
+            if storage.get_modified_time(folder + name) < cutoff:
+                storage.delete(folder + name)
+                removed += 1
+        except (OSError, NotImplementedError):  # raced with another request, or unsupported
+            continue
+    return removed
+
+
+class PostUploadForm(forms.Form):
+    """One or more images, a title and tags; :meth:`save` creates the post via ``create_post``.
+
+    Submitted with ``step=suggest`` (the no-JavaScript button), :meth:`suggestion_step` keeps
+    the files and returns the second-step form listing suggestions as checkboxes. With the
+    widget's script the chips do that work in the page and the form is saved in one step.
+    """
+
+    images = MultipleImageField(label=_("Images"), required=False)
+    title = forms.CharField(label=_("Title"), max_length=200, required=False)
+    tags = SuggestedTagsField(label=_("Tags"), required=False)
+    pending = forms.CharField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args: Any, user: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.pending_upload: PendingUpload | None = None
+        self.suggestion_notice = ""
+        self._pending_error = ""
+        limit = imagetags_settings.MAX_FILES_PER_POST
+        self.fields["images"].help_text = _(
+            "JPEG, PNG, GIF or WebP; up to %(count)s images of at most %(size)s each."
+        ) % {"count": limit, "size": human_size(imagetags_settings.MAX_UPLOAD_BYTES)}
+        if self.is_bound and self.data.get(self.add_prefix("pending")):
+            try:
+                self.pending_upload = PendingUpload.load(
+                    self.data[self.add_prefix("pending")], user
+                )
+            except PendingUploadError as exc:
+                self._pending_error = str(exc)
+
+    @property
+    def wants_suggestions(self) -> bool:
+        """The no-JavaScript first step: keep the files and show suggestions before saving."""
+        return self.data.get("step") == "suggest"
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if "images" in self.errors:
+            return cleaned
+        if not cleaned.get("images") and self.pending_upload is None:
+            self.add_error("images", self._pending_error or _("Choose at least one image."))
+        return cleaned
+
+    def keep_valid_images(self) -> None:
+        """After a failed submission whose images were fine, keep them so the page can be
+        submitted again without choosing them again."""
+        uploads = self.cleaned_data.get("images") if hasattr(self, "cleaned_data") else None
+        if "images" in self.errors or not uploads:
+            return
+        self._keep(uploads)
+        self.data = self.data.copy()
+        self.data[self.add_prefix("pending")] = self.pending_upload.token
+
+    def _keep(self, uploads: Sequence[Any]) -> PendingUpload:
+        previous = self.pending_upload
+        self.pending_upload = PendingUpload.store(uploads, self.user)
+        if previous is not None:  # the person chose new images to replace the kept ones
+            previous.discard()
+        return self.pending_upload
+
+    def suggestion_step(self) -> PostUploadForm:
+        """Keep the files, suggest tags for them, and return the second step's form."""
+        uploads = self.cleaned_data.get("images") or []
+        pending = self._keep(uploads) if uploads else self.pending_upload
+        tags: TagSelection = self.cleaned_data["tags"]
+        suggested: list[SuggestedTag] = []
+        cluster_set_id, method = None, ""
+        notice = ""
+        files = self._files_to_save()
+        try:
+            merged = suggest_many(files)
+            suggested, cluster_set_id = merged.tags, merged.cluster_set
+            method = suggestion_method(merged)
+        except SuggestionUnavailable as exc:
+            notice = unavailable_message(exc)
+        except InvalidImage as exc:  # validated already; a file changed under us
+            notice = str(exc)
+        finally:
+            for item in files:
+                item.close()
+        if not suggested and not notice:
+            notice = str(_("No suggestions for these images: type the tags yourself."))
+        shown = [ShownSuggestion(t.name, t.score, rank) for rank, t in enumerate(suggested, 1)]
+        selection = TagSelection(
+            tags,
+            accepted=[],
+            shown=shown,
+            cluster_set_id=cluster_set_id,
+            method=method,
+            channel=FeedbackChannel.FORM,
+        )
+        form = type(self)(
+            initial={
+                "pending": pending.token,
+                "title": self.cleaned_data.get("title", ""),
+                "tags": selection,
+            },
+            user=self.user,
+            prefix=self.prefix,
+        )
+        form.pending_upload = pending
+        form.suggestion_notice = notice
+        form.fields["tags"].widget.suggestions = suggested
+        return form
+
+    def save(self) -> Post:
+        """Create the post (all or nothing) and drop the kept files it was made from."""
+        tags: TagSelection = self.cleaned_data["tags"]
+        cluster_set = (
+            ClusterSet.objects.filter(pk=tags.cluster_set_id).first()
+            if tags.cluster_set_id
+            else None
+        )
+        files = self._files_to_save()
+        try:
+            post = create_post(
+                files=files,
+                title=self.cleaned_data.get("title", ""),
+                typed_tags=tags,
+                accepted_tags=tags.accepted,
+                shown=tags.shown,
+                owner=self.user,
+                channel=tags.channel,
+                cluster_set=cluster_set,
+                method=tags.method if tags.shown else "",
+            )
+        finally:
+            for item in files:
+                item.close()
+        if self.pending_upload is not None:  # used, or replaced by newly chosen images
+            self.pending_upload.discard()
+        return post
+
+    def _files_to_save(self) -> list[Any]:
+        """The newly chosen files, else the kept ones (opened here; the caller closes them)."""
+        return list(self.cleaned_data.get("images") or []) or self.pending_upload.open()
+
+    def kept_images(self) -> list[dict[str, str]]:
+        return self.pending_upload.previews() if self.pending_upload else []

@@ -1,0 +1,188 @@
+"""Looking after the tag vocabulary: usage counts and merging duplicate tags.
+
+Merging ``"salmon fillet"`` and ``"salmon-fillet"`` into ``"salmon"`` must leave the library as if
+people had typed ``"salmon"`` all along: every post keeps one ``salmon`` row (never two, never a
+lost source), the clusters' tag frequencies count each post once, and feedback on the old names
+counts for the new one. :func:`merge_tags` does all of it in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.db.models import Count, QuerySet
+
+from imagetags.conf import imagetags_settings
+from imagetags.models import (
+    ClusterMembership,
+    PostTag,
+    SuggestionFeedback,
+    Tag,
+    TagFrequency,
+    TagSource,
+)
+from imagetags.services.feedback import count_subquery
+
+# Which row survives when a post carries several of the merged tags: what a person gave beats
+# what was imported, which beats what the machine applied on its own.
+SOURCE_PRECEDENCE = (TagSource.TYPED, TagSource.SUGGESTED, TagSource.IMPORTED, TagSource.AUTO)
+
+# Ids per `IN (...)` list: below SQLite's historical limit of 999 bound parameters.
+_ID_CHUNK = 500
+
+
+class TagMergeError(ValueError):
+    """The merge cannot go ahead; the message says why."""
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge_tags` changed."""
+
+    target: str
+    merged: list[str] = field(default_factory=list)
+    posts_moved: int = 0  # posts that now carry the target instead of a merged tag
+    duplicates_removed: int = 0  # rows dropped because the post already had the target
+    feedback_moved: int = 0
+    clusters_recounted: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"Merged {', '.join(repr(name) for name in self.merged)} into {self.target!r}: "
+            f"{self.posts_moved} posts re-tagged, {self.duplicates_removed} duplicate tags "
+            f"removed, {self.feedback_moved} feedback rows moved, tag counts of "
+            f"{self.clusters_recounted} clusters recounted."
+        )
+
+
+def annotate_usage(tags: QuerySet[Tag]) -> QuerySet[Tag]:
+    """Add ``post_count`` (posts carrying the tag, any source) and ``auto_count`` (of which
+    auto-applied) to each tag."""
+    post_tags = PostTag.objects.all()
+    return tags.annotate(
+        post_count=count_subquery(post_tags, "tag"),
+        auto_count=count_subquery(post_tags, "tag", source=TagSource.AUTO),
+    )
+
+
+def _chunks(ids: list[int]) -> Iterable[list[int]]:
+    for start in range(0, len(ids), _ID_CHUNK):
+        yield ids[start : start + _ID_CHUNK]
+
+
+def _rank(row: dict) -> tuple:
+    try:
+        precedence = SOURCE_PRECEDENCE.index(row["source"])
+    except ValueError:  # a source added later ranks after the known ones
+        precedence = len(SOURCE_PRECEDENCE)
+    return (precedence, row["created"], row["pk"])
+
+
+def merge_tags(sources: Iterable[Tag | int], target: Tag | int) -> MergeResult:
+    """Merge the ``sources`` tags into ``target`` and delete them, atomically.
+
+    - **Posts**: a post keeps exactly one row of ``target``. Where it had several of the merged
+      tags, the surviving row takes the most trustworthy source (typed > suggested > imported >
+      auto; earliest first), so a typed tag never turns into an auto one.
+    - **Tag frequencies**: in every cluster (of every cluster set, so a rollback stays right) that
+      counted a merged tag, the target's count is recounted from the cluster's members: posts
+      carrying the target with a counted source, each once. Summing would count a post that had
+      both tags twice.
+    - **Feedback**: rows about a merged tag now name the target.
+
+    Raises :class:`TagMergeError` (nothing changed) when there is nothing to merge or a tag
+    does not exist. Any database error rolls everything back.
+    """
+    target_id = target.pk if isinstance(target, Tag) else int(target)
+    source_ids = sorted(
+        {tag.pk if isinstance(tag, Tag) else int(tag) for tag in sources} - {target_id}
+    )
+    if not source_ids:
+        raise TagMergeError("Choose at least one tag to merge into the target, besides itself.")
+    with transaction.atomic():
+        # Lock the tags so two merges of overlapping tags run one after the other.
+        names = dict(
+            Tag.objects.select_for_update()
+            .filter(pk__in=[target_id, *source_ids])
+            .values_list("pk", "name")
+        )
+        missing = [pk for pk in [target_id, *source_ids] if pk not in names]
+        if missing:
+            raise TagMergeError(f"Tags {missing} do not exist (any more).")
+        result = MergeResult(target=names[target_id], merged=sorted(names[pk] for pk in source_ids))
+        _merge_post_tags(source_ids, target_id, result)
+        result.clusters_recounted = _recount_frequencies(source_ids, target_id)
+        result.feedback_moved = SuggestionFeedback.objects.filter(tag_id__in=source_ids).update(
+            tag_id=target_id
+        )
+        Tag.objects.filter(pk__in=source_ids).delete()
+    return result
+
+
+def _merge_post_tags(source_ids: list[int], target_id: int, result: MergeResult) -> None:
+    affected_posts = PostTag.objects.filter(tag_id__in=source_ids).values("post_id")
+    by_post: dict[int, list[dict]] = defaultdict(list)
+    for row in PostTag.objects.filter(
+        tag_id__in=[target_id, *source_ids], post_id__in=affected_posts
+    ).values("pk", "post_id", "tag_id", "source", "added_by_id", "created"):
+        by_post[row["post_id"]].append(row)
+
+    delete_ids: list[int] = []
+    move_ids: list[int] = []
+    upgrades: list[PostTag] = []
+    for rows in by_post.values():
+        best = min(rows, key=_rank)
+        current = next((row for row in rows if row["tag_id"] == target_id), None)
+        if current is None:
+            move_ids.append(best["pk"])  # the best merged row becomes the target's row
+            delete_ids.extend(row["pk"] for row in rows if row is not best)
+            continue
+        delete_ids.extend(row["pk"] for row in rows if row is not current)
+        if best is not current:
+            # The post already had the target, but a merged tag had a stronger source.
+            upgrades.append(
+                PostTag(pk=current["pk"], source=best["source"], added_by_id=best["added_by_id"])
+            )
+    # Delete first: moving a row onto a post that still had a duplicate would break the
+    # (post, tag) unique constraint.
+    for chunk in _chunks(delete_ids):
+        PostTag.objects.filter(pk__in=chunk).delete()
+    for chunk in _chunks(move_ids):
+        PostTag.objects.filter(pk__in=chunk).update(tag_id=target_id)
+    PostTag.objects.bulk_update(upgrades, ["source", "added_by_id"], batch_size=_ID_CHUNK)
+    result.posts_moved = len(move_ids)
+    result.duplicates_removed = len(delete_ids)
+
+
+def _recount_frequencies(source_ids: list[int], target_id: int) -> int:
+    cluster_ids = sorted(
+        set(TagFrequency.objects.filter(tag_id__in=source_ids).values_list("cluster_id", flat=True))
+    )
+    counted = list(imagetags_settings.COUNTED_TAG_SOURCES)
+    for chunk in _chunks(cluster_ids):
+        # Posts of the cluster's member images that now carry the target, each post once (the
+        # same rule as a rebuild, see ranking.count_tag_frequencies).
+        counts = (
+            ClusterMembership.objects.filter(
+                cluster_id__in=chunk,
+                image__post__post_tags__tag_id=target_id,
+                image__post__post_tags__source__in=counted,
+            )
+            .order_by()
+            .values("cluster_id")
+            .annotate(posts=Count("image__post_id", distinct=True))
+            .values_list("cluster_id", "posts")
+        )
+        new_rows = [
+            TagFrequency(cluster_id=cluster_id, tag_id=target_id, post_count=posts)
+            for cluster_id, posts in counts
+            if posts
+        ]
+        TagFrequency.objects.filter(
+            cluster_id__in=chunk, tag_id__in=[target_id, *source_ids]
+        ).delete()
+        TagFrequency.objects.bulk_create(new_rows)
+    return len(cluster_ids)
