@@ -163,6 +163,73 @@ def run(ctx: Context, library: list[Photo], queries: list[Photo]) -> None:
             )
         )
         _float16_rows(ctx, "MobileNetV2 int8", mn_lib, mn_q, library, queries, scored)
+        _float16_through_suggest(ctx, mobilenet, library, [queries[i] for i in scored])
+
+
+def _float16_through_suggest(
+    ctx: Context, config: dict[str, Any], library: list[Photo], queries: list[Photo]
+) -> None:
+    """The whole served path twice on one SQLite library: vectors stored as float32, rebuild,
+    ``suggest(path)`` for every query; then every stored vector rewritten as float16 with
+    ``VECTOR_DTYPE = "float16"``, rebuild with the same seed, the same queries. Every method
+    ``suggest()`` offers is compared (the default one first)."""
+    from django.test import override_settings
+
+    from bench.extraction import base_settings, import_photos
+    from imagetags.models import StockImage
+    from imagetags.services import suggest as suggest_module
+    from imagetags.services import vectors
+    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.features import compute_features
+
+    known = set(StockImage.objects.values_list("sha256", flat=True))
+    import_photos([photo for photo in library if photo.sha256 not in known])
+    ids = list(StockImage.objects.values_list("pk", flat=True))
+    methods = list(getattr(suggest_module, "METHODS", [None]))
+    default = getattr(suggest_module, "suggest_method", lambda: None)()
+    methods.sort(key=lambda method: method != default)
+    answers: dict[str, dict[str | None, list[tuple[str, ...]]]] = {}
+    for dtype in ("float32", "float16"):
+        settings = {**base_settings(32), "EXTRACTOR": config, "VECTOR_DTYPE": dtype}
+        with override_settings(IMAGETAGS=settings):
+            if dtype == "float32":
+                ctx.say(f"float16 through suggest(): {len(ids)} library images, float32 first.")
+                compute_features(ids, force=True)
+            else:
+                rows = StockImage.objects.filter(pk__in=ids).exclude(vector=None)
+                updated = []
+                for row in rows.only("pk", "vector"):
+                    row.vector = vectors.to_bytes(vectors.from_bytes(row.vector), "float16")
+                    updated.append(row)
+                StockImage.objects.bulk_update(updated, ["vector"], batch_size=500)
+            rebuild_clusters(seed=0)
+            answers[dtype] = {
+                method: [
+                    tuple(
+                        t.name
+                        for t in suggest_module.suggest(str(q.path), method=method, limit=5).tags
+                    )
+                    if method
+                    else tuple(t.name for t in suggest_module.suggest(str(q.path), limit=5).tags)
+                    for q in queries
+                ]
+                for method in methods
+            }
+    stored = StockImage.objects.exclude(vector=None).values_list("vector", flat=True)[:1]
+    assert vectors.is_float16(stored[0])
+    for method in methods:
+        same = unchanged(answers["float32"][method], answers["float16"][method])
+        name = method or "default"
+        ctx.rows.append(
+            Row(
+                "5",
+                f"float16 storage through rebuild + suggest(path), method {name}"
+                + (" (default)" if method == default else ""),
+                same,
+                "== 1.00",
+                f"{len(queries)} queries, {len(ids)} library images, MobileNetV2 int8, SQLite",
+            )
+        )
 
 
 def _popularity(library: Sequence[Photo]) -> tuple[str, ...]:

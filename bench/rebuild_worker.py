@@ -2,6 +2,7 @@
 
     python -m bench.rebuild_worker populate --name lib100k --n 100000 --dim 512
     python -m bench.rebuild_worker rebuild --name lib100k --k 150 [--memory-mb 1024]
+    python -m bench.rebuild_worker suggest --name lib100k
 
 ``populate`` writes a synthetic library into ``<workdir>/<name>.sqlite3``: unit vectors drawn
 around 300 hidden topics, posts of one to three images sharing a topic, and tags — generic ones
@@ -171,9 +172,38 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def suggest_latency(workdir: Path, name: str, dim: int, queries: int = 50) -> dict:
+    """``suggest(vector)`` on the active clustering: what one suggestion costs besides the
+    forward pass, at this library size (the stored vectors of random images are the queries)."""
+    setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim)}, fresh_db=False)
+    from imagetags.models import StockImage
+    from imagetags.services import vectors
+    from imagetags.services.suggest import suggest
+
+    ids = list(StockImage.objects.values_list("pk", flat=True))
+    rng = np.random.default_rng(0)
+    chosen = [int(pk) for pk in rng.choice(ids, min(queries, len(ids)), replace=False)]
+    rows = dict(StockImage.objects.filter(pk__in=chosen).values_list("pk", "vector"))
+    query_vectors = [vectors.from_bytes(rows[pk]) for pk in chosen]
+    started = time.perf_counter()
+    suggest(query_vectors[0])  # loads the active centres (and any index) into this process
+    first = time.perf_counter() - started
+    times = []
+    for vector in query_vectors[1:]:
+        started = time.perf_counter()
+        suggest(vector)
+        times.append(time.perf_counter() - started)
+    return {
+        "n": len(ids),
+        "first_ms": first * 1000,
+        "median_ms": float(np.median(times)) * 1000,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["populate", "rebuild"])
+    parser.add_argument("step", choices=["populate", "rebuild", "suggest"])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--name", required=True)
     parser.add_argument("--n", type=int, default=100_000)
@@ -186,8 +216,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "populate":
         result = populate(args.workdir, args.name, args.n, args.dim, args.dtype, args.seed)
-    else:
+    elif args.step == "rebuild":
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
+    else:
+        result = suggest_latency(args.workdir, args.name, args.dim)
     print(json.dumps(result), flush=True)
 
 

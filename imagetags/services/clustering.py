@@ -443,6 +443,8 @@ STREAM_MIN_IMPROVEMENT = 1e-2
 STREAM_MAX_EPOCHS = 20
 # k-means++ restarts on the sample (the in-memory path's n_init).
 STREAM_INIT_RESTARTS = 3
+# Wider vectors are seeded in a random projection of this many dimensions (see _seed_centers).
+SEED_PROJECTION_DIM = 256
 # Most float32 bytes one database read decodes at once (see rows_per_read).
 READ_CHUNK_BYTES = 64 * 2**20
 
@@ -526,7 +528,7 @@ def _fit_streaming(
     """Mini-batch k-means over chunks read from the database; returns the result in the shape
     ``ranking.fit_clusters`` gives (unit centres, every image on its most cosine-similar
     centre, empty clusters dropped) and the library without images that vanished meanwhile."""
-    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+    from sklearn.cluster import MiniBatchKMeans
 
     started = time.perf_counter()
     key = library.extractor_key
@@ -546,12 +548,7 @@ def _fit_streaming(
         )
         if len(sample) < k:
             raise ClusteringError(f"Only {len(sample)} vectors could be read for K={k}.")
-        best = -np.inf
-        for restart in range(STREAM_INIT_RESTARTS):
-            candidate, _indexes = kmeans_plusplus(sample, k, random_state=seed + restart)
-            score = float(_mean_best_similarity(sample, l2_normalize(candidate)))
-            if score > best:
-                best, init = score, candidate
+        init = _seed_centers(sample, k, seed)
         del sample
     else:
         init = init_centers
@@ -637,6 +634,51 @@ def _fit_streaming(
         },
     )
     return result, library
+
+
+def _seed_centers(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means++ seeds chosen among the sample's rows, best of a few restarts.
+
+    Wide vectors (``flatten``: 100,352-d) are seeded in a random projection to
+    :data:`SEED_PROJECTION_DIM` dimensions, which keeps distances within a few per cent
+    (Johnson-Lindenstrauss) and costs one pass instead of K: k-means++ on 1,337 flatten vectors
+    took 67 s per restart in full dimension, under a second projected. The seeds are the chosen
+    rows themselves, in full dimension.
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    space = sample
+    if sample.shape[1] > 4 * SEED_PROJECTION_DIM:
+        space = _random_projection(sample, SEED_PROJECTION_DIM, seed)
+    best, chosen = np.inf, None
+    for restart in range(STREAM_INIT_RESTARTS):
+        centers, indexes = kmeans_plusplus(space, k, random_state=seed + restart)
+        inertia = _inertia(space, centers)
+        if inertia < best:
+            best, chosen = inertia, indexes
+    return sample[chosen]
+
+
+def _random_projection(matrix: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """``matrix`` times a seeded Gaussian (d, dim) matrix / sqrt(dim), built block by block."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((matrix.shape[0], dim), dtype=np.float32)
+    for start in range(0, matrix.shape[1], 8192):
+        block = matrix[:, start : start + 8192]
+        out += block @ rng.standard_normal((block.shape[1], dim), dtype=np.float32)
+    out /= np.float32(np.sqrt(dim))
+    return out
+
+
+def _inertia(matrix: np.ndarray, centers: np.ndarray) -> float:
+    """Sum of squared Euclidean distances to the nearest centre."""
+    center_norms = np.einsum("ij,ij->i", centers, centers)
+    total = 0.0
+    for start in range(0, len(matrix), 4096):
+        block = matrix[start : start + 4096]
+        distances = np.einsum("ij,ij->i", block, block)[:, None] - 2 * block @ centers.T
+        total += float(np.maximum(distances + center_norms, 0).min(axis=1).sum())
+    return total
 
 
 def _mean_best_similarity(matrix: np.ndarray, centers: np.ndarray) -> float:
