@@ -62,20 +62,22 @@ def _note(result: dict[str, Any]) -> str:
 def suggestion_cost(ctx: Context, n: int) -> None:
     """suggest(vector) on the clustering just built: the part of a suggestion that grows with
     the library (the forward pass does not)."""
-    ctx.say(f"suggest(vector) on the {n:,}-image library.")
-    result = worker(ctx, "suggest", "--name", f"rebuild-{n}x512", "--dim", "512")
-    ctx.facts.setdefault("suggest_by_size", []).append(result)
-    ctx.rows.append(
-        Row(
-            "2",
-            f"suggest(vector) at {n:,} images, median (no forward pass)",
-            result["median_ms"],
-            "",
-            f"first call {result['first_ms']:.0f} ms (loads centres/index), "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB",
-            " ms",
+    for method in (None, "cluster"):
+        ctx.say(f"suggest(vector) on the {n:,}-image library, method {method or 'default'}.")
+        args = ["suggest", "--name", f"rebuild-{n}x512", "--dim", "512"]
+        result = worker(ctx, *args, *(["--method", method] if method else []))
+        ctx.facts.setdefault("suggest_by_size", []).append(result)
+        ctx.rows.append(
+            Row(
+                "2",
+                f"suggest(vector) at {n:,} images, method {method or 'default'}: median",
+                result["median_ms"],
+                "",
+                f"no forward pass; first call {result['first_ms']:.0f} ms (loads centres or "
+                f"index), peak RSS {result['peak_rss_mb']:.0f} MB",
+                " ms",
+            )
         )
-    )
 
 
 def run(ctx: Context, sizes: list[int], flatten_n: int) -> None:

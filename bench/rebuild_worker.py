@@ -172,7 +172,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def suggest_latency(workdir: Path, name: str, dim: int, queries: int = 50) -> dict:
+def suggest_latency(
+    workdir: Path, name: str, dim: int, method: str | None = None, queries: int = 50
+) -> dict:
     """``suggest(vector)`` on the active clustering: what one suggestion costs besides the
     forward pass, at this library size (the stored vectors of random images are the queries)."""
     setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim)}, fresh_db=False)
@@ -186,15 +188,17 @@ def suggest_latency(workdir: Path, name: str, dim: int, queries: int = 50) -> di
     rows = dict(StockImage.objects.filter(pk__in=chosen).values_list("pk", "vector"))
     query_vectors = [vectors.from_bytes(rows[pk]) for pk in chosen]
     started = time.perf_counter()
-    suggest(query_vectors[0])  # loads the active centres (and any index) into this process
+    options = {"method": method} if method else {}
+    suggest(query_vectors[0], **options)  # loads the centres (and any index) into this process
     first = time.perf_counter() - started
     times = []
     for vector in query_vectors[1:]:
         started = time.perf_counter()
-        suggest(vector)
+        suggest(vector, **options)
         times.append(time.perf_counter() - started)
     return {
         "n": len(ids),
+        "method": method or "default",
         "first_ms": first * 1000,
         "median_ms": float(np.median(times)) * 1000,
         "peak_rss_mb": peak_rss_mb(),
@@ -212,6 +216,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=150)
     parser.add_argument("--memory-mb", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default=None, help="suggest step: a suggest() method")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "populate":
@@ -219,7 +224,7 @@ def main() -> None:
     elif args.step == "rebuild":
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
     else:
-        result = suggest_latency(args.workdir, args.name, args.dim)
+        result = suggest_latency(args.workdir, args.name, args.dim, args.method)
     print(json.dumps(result), flush=True)
 
 

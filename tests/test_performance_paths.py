@@ -100,6 +100,20 @@ def test_stack_reads_a_library_of_mixed_formats_and_rejects_bad_rows():
     assert vectors.stack([], 16).shape == (0, 16)
 
 
+def test_stack_decodes_block_by_block_across_formats(monkeypatch):
+    # Blocks of 4 rows: the first two blocks are uniform (one NumPy step each), the third mixes
+    # both formats and is decoded row by row.
+    monkeypatch.setattr(vectors, "_STACK_BLOCK_BYTES", 4 * 4 * 16)
+    matrix = _units(11, dim=16, seed=4)
+    dtypes = ["float32"] * 4 + ["float16"] * 4 + ["float32", "float16", "float32"]
+    rows = [vectors.to_bytes(row, dtype) for row, dtype in zip(matrix, dtypes, strict=True)]
+
+    stacked = vectors.stack(rows, 16, count=11)
+
+    np.testing.assert_array_equal(stacked[:4], matrix[:4])  # float32 blocks stay exact
+    np.testing.assert_allclose(stacked, matrix, atol=1e-3)
+
+
 def test_vector_dtype_setting_chooses_what_is_written(settings):
     vec = unit(2, 0.1)
     assert len(vectors.to_bytes(vec)) == 4 * DIM  # default: float32, the original format

@@ -588,6 +588,11 @@ def _fit_streaming(
             break
         previous = max(previous, mean)
 
+    if not hasattr(model, "cluster_centers_"):
+        raise ClusteringError(
+            "The library's vectors could not be read while clustering (deleted or recomputed "
+            "meanwhile); run `manage.py rebuild_clusters` again."
+        )
     centers = l2_normalize(model.cluster_centers_)
     labels = np.full(n, -1, dtype=np.int64)
     sims = np.zeros(n, dtype=np.float32)
