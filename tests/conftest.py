@@ -16,6 +16,17 @@ SHARED = PROJECT_ROOT.parent / "shared"
 TFLITE_MODEL = SHARED / "models" / "mobilenet_v2_1.0_224_quant.tflite"
 FEEDME_MANIFEST = SHARED / "data" / "feedme-dev" / "manifest.jsonl"
 
+# Debian's Chromium, driven by Playwright (which never downloads a browser of its own here).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # runs as root in CI containers
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+
 requires_tflite_model = pytest.mark.skipif(
     not TFLITE_MODEL.exists(), reason=f"needs the MobileNetV2 TFLite model at {TFLITE_MODEL}"
 )

@@ -29,17 +29,14 @@ from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.library import import_manifest
 from imagetags.services.library_map import cluster_labels
 
-from .conftest import FEEDME_MANIFEST, PROJECT_ROOT, TFLITE_MODEL
+from .conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    FEEDME_MANIFEST,
+    SCREENSHOTS,
+    TFLITE_MODEL,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # runs as root in CI containers
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
 SCREENSHOT_MAX_BYTES = 300_000
 LIBRARY_SIZE = 150
 

@@ -27,17 +27,14 @@ from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.features import compute_features
 from imagetags.signal_handlers import feature_tasks_suspended
 
-from .conftest import FEEDME_MANIFEST, PROJECT_ROOT, TFLITE_MODEL
+from .conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    FEEDME_MANIFEST,
+    SCREENSHOTS,
+    TFLITE_MODEL,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # runs as root in CI containers
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
 XSS_TAG = "<img src=x onerror=alert(1)>"
 PASSWORD = "correct horse battery"
 # feedme-dev: dishes for the library, and a held-out pizza photo as the upload. The page the
