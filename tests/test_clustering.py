@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import transaction
 
 from imagetags.models import (
     Cluster,
@@ -202,6 +203,40 @@ def test_new_images_join_the_active_set_once_per_post(add_post):
     assert (cluster.size, cluster.post_count) == (4, 3)
     assert frequencies(cluster) == {"base": 3, "fresh": 1}
     assert assign_to_active_set(images) == 0  # a task delivered twice changes nothing
+
+
+def _cluster_state() -> dict[int, tuple[int, int, dict[str, int]]]:
+    return {
+        c.index: (c.size, c.post_count, frequencies(c))
+        for c in Cluster.objects.filter(cluster_set=ClusterSet.objects.active())
+    }
+
+
+def test_a_batch_joins_the_active_set_like_images_one_by_one(add_post):
+    """One call for a whole batch (what the feature task does) must count exactly what one
+    call per image counts: a post once per cluster, however its images arrive."""
+    for axis in (0, 0, 1, 1, 2):
+        add_post(["base", f"axis{axis}"], [axis])
+    rebuild_clusters(k=3, algorithm="kmeans", seed=0)
+    before = _cluster_state()
+    posts = [
+        add_post(["base", "twins"], [1, 1]),  # two images, one cluster: one more post
+        add_post(["split", "axis0"], [0, 2]),  # two images, two clusters: a post in each
+        add_post(["fresh"], [2]),
+        add_post([], [0]),
+    ]
+    images = [image for post in posts for image in post.images.order_by("pk")]
+
+    with transaction.atomic():
+        one_by_one = sum(assign_to_active_set([image]) for image in images)
+        expected = _cluster_state()
+        transaction.set_rollback(True)
+    assert _cluster_state() == before  # rolled back: the batch starts from the same state
+
+    assert assign_to_active_set(images) == one_by_one == 6
+    assert _cluster_state() == expected
+    assert ClusterSet.objects.active().n_images == 11
+    assert assign_to_active_set(images) == 0
 
 
 def test_rebuild_clusters_command_prints_a_summary(add_post, capsys):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from django.db import transaction
+from django.db import connections, models, router, transaction
 from django.db.models import Count, F
 
 from imagetags.conf import imagetags_settings
@@ -727,68 +727,147 @@ def _invalidate_centers_cache() -> None:
 def assign_to_active_set(images: Iterable[StockImage]) -> int:
     """Put freshly embedded images into the nearest cluster of the active set, at once.
 
-    The cluster's size grows; if the image's post was not in that cluster yet, its post count
-    grows and each of the post's counted tags gains one post (once per post, as in a rebuild).
-    Safe to call twice: an image already in the active set is left alone. Centres do not move
-    until the next rebuild (the patent's batch update); returns how many images were assigned.
+    Each cluster's size grows; a post not yet in a cluster adds one to its post count and one
+    post to each of its counted tags (once per post, as in a rebuild, also when several images of
+    one post arrive together). Safe to call twice: an image already in the active set is left
+    alone. Centres do not move until the next rebuild (the patent's batch update); returns how
+    many images were assigned.
+
+    A whole batch is added in one transaction with a fixed number of queries: per image, a
+    transaction and its row lock cost more than a MobileNetV2 forward pass (docs/performance.md).
     """
     active = ClusterSet.objects.active()
     if active is None:
         return 0
-    candidates = [
-        image
+    candidates = {
+        image.pk: image
         for image in images
         if image.feature_status == FeatureStatus.READY
         and image.extractor_key == active.extractor_key
         and image.vector is not None
-    ]
+    }
     if not candidates:
         return 0
     centers, cluster_ids, _indexes = load_centers(active)
     matrix = vectors.stack(
-        (image.vector for image in candidates), active.dim, count=len(candidates)
+        (image.vector for image in candidates.values()), active.dim, count=len(candidates)
     )
     labels, sims = ranking.nearest_centers(matrix, centers)
-    counted = imagetags_settings.COUNTED_TAG_SOURCES
-    assigned = 0
-    for image, label, sim in zip(candidates, labels, sims, strict=True):
-        cluster_id = cluster_ids[int(label)]
-        with transaction.atomic():
-            # Lock the cluster row so two workers adding images of one post count it once.
-            Cluster.objects.select_for_update().filter(pk=cluster_id).first()
-            if ClusterMembership.objects.filter(cluster_set=active, image=image).exists():
-                continue
-            post_seen = ClusterMembership.objects.filter(
-                cluster_id=cluster_id, image__post_id=image.post_id
-            ).exists()
-            ClusterMembership.objects.create(
-                cluster_set=active, cluster_id=cluster_id, image=image, similarity=float(sim)
-            )
-            if post_seen:
-                Cluster.objects.filter(pk=cluster_id).update(size=F("size") + 1)
-            else:
-                Cluster.objects.filter(pk=cluster_id).update(
-                    size=F("size") + 1, post_count=F("post_count") + 1
+    placed = {
+        pk: (cluster_ids[int(label)], float(sim))
+        for pk, label, sim in zip(candidates, labels, sims, strict=True)
+    }
+    with transaction.atomic():
+        # Lock the clusters, in key order so two workers cannot deadlock, before reading what
+        # they hold: two workers adding images of one post must count the post once.
+        touched = sorted({cluster_id for cluster_id, _sim in placed.values()})
+        list(Cluster.objects.select_for_update().filter(pk__in=touched).order_by("pk").values("pk"))
+        already = set(
+            ClusterMembership.objects.filter(
+                cluster_set=active, image_id__in=list(candidates)
+            ).values_list("image_id", flat=True)
+        )
+        new = [pk for pk in candidates if pk not in already]
+        if not new:
+            return 0
+        post_ids = {candidates[pk].post_id for pk in new}
+        seen = set(
+            ClusterMembership.objects.filter(
+                cluster_id__in=touched, image__post_id__in=post_ids
+            ).values_list("cluster_id", "image__post_id")
+        )
+        ClusterMembership.objects.bulk_create(
+            [
+                ClusterMembership(
+                    cluster_set=active,
+                    cluster_id=placed[pk][0],
+                    image_id=pk,
+                    similarity=placed[pk][1],
                 )
-                tag_ids = set(
-                    PostTag.objects.filter(post_id=image.post_id, source__in=counted).values_list(
-                        "tag_id", flat=True
-                    )
-                )
-                existing = set(
-                    TagFrequency.objects.filter(
-                        cluster_id=cluster_id, tag_id__in=tag_ids
-                    ).values_list("tag_id", flat=True)
-                )
-                TagFrequency.objects.filter(cluster_id=cluster_id, tag_id__in=existing).update(
-                    post_count=F("post_count") + 1
-                )
-                TagFrequency.objects.bulk_create(
-                    [
-                        TagFrequency(cluster_id=cluster_id, tag_id=tag_id, post_count=1)
-                        for tag_id in tag_ids - existing
-                    ]
-                )
-            ClusterSet.objects.filter(pk=active.pk).update(n_images=F("n_images") + 1)
-            assigned += 1
-    return assigned
+                for pk in new
+            ]
+        )
+        sizes: dict[int, int] = defaultdict(int)
+        new_posts: dict[int, set[int]] = defaultdict(set)  # cluster -> posts new to it
+        for pk in new:
+            cluster_id, post_id = placed[pk][0], candidates[pk].post_id
+            sizes[cluster_id] += 1
+            if (cluster_id, post_id) not in seen:
+                new_posts[cluster_id].add(post_id)
+        _add_posts_to_clusters(sizes, new_posts)
+        ClusterSet.objects.filter(pk=active.pk).update(n_images=F("n_images") + len(new))
+    return len(new)
+
+
+def _add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]]) -> None:
+    """Grow clusters by ``sizes`` images and ``new_posts`` posts, and count those posts' tags.
+
+    Increments, not recomputed totals, so a concurrent assignment to other clusters is kept;
+    the caller holds the clusters' row locks.
+    """
+    tags_of: dict[int, set[int]] = defaultdict(set)
+    all_posts = set().union(*new_posts.values()) if new_posts else set()
+    for post_id, tag_id in PostTag.objects.filter(
+        post_id__in=all_posts, source__in=imagetags_settings.COUNTED_TAG_SOURCES
+    ).values_list("post_id", "tag_id"):
+        tags_of[post_id].add(tag_id)
+    increments: dict[tuple[int, int], int] = defaultdict(int)
+    for cluster_id, posts in new_posts.items():
+        for post_id in posts:
+            for tag_id in tags_of[post_id]:
+                increments[cluster_id, tag_id] += 1
+    _increment(
+        Cluster,
+        ("size", "post_count"),
+        ("pk",),
+        [
+            (size, len(new_posts.get(cluster_id, ())), cluster_id)
+            for cluster_id, size in sizes.items()
+        ],
+    )
+    if not increments:
+        return
+    existing = set(
+        TagFrequency.objects.filter(
+            cluster_id__in=list(new_posts), tag_id__in={tag for _c, tag in increments}
+        ).values_list("cluster_id", "tag_id")
+    )
+    _increment(
+        TagFrequency,
+        ("post_count",),
+        ("cluster", "tag"),
+        [(count, *pair) for pair, count in increments.items() if pair in existing],
+    )
+    TagFrequency.objects.bulk_create(
+        [
+            TagFrequency(cluster_id=cluster_id, tag_id=tag_id, post_count=count)
+            for (cluster_id, tag_id), count in increments.items()
+            if (cluster_id, tag_id) not in existing
+        ]
+    )
+
+
+def _increment(
+    model: type[models.Model],
+    columns: Sequence[str],
+    keys: Sequence[str],
+    rows: Sequence[tuple],
+) -> None:
+    """``UPDATE ... SET column = column + %s ... WHERE key = %s ...`` once per row, as one
+    prepared statement run by ``executemany``: a batch touches up to a few hundred
+    (cluster, tag) pairs, and an ORM ``update()`` each would cost more than the batch's
+    forward pass. ``rows`` hold the increments, then the key values."""
+    if not rows:
+        return
+    connection = connections[router.db_for_write(model)]
+    meta = model._meta
+    quote = connection.ops.quote_name
+
+    def column(name: str) -> str:
+        return quote((meta.pk if name == "pk" else meta.get_field(name)).column)
+
+    set_sql = ", ".join(f"{column(name)} = {column(name)} + %s" for name in columns)
+    where_sql = " AND ".join(f"{column(name)} = %s" for name in keys)
+    sql = f"UPDATE {quote(meta.db_table)} SET {set_sql} WHERE {where_sql}"
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, [list(row) for row in rows])

@@ -13,7 +13,6 @@ reason a person can act on.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,10 +27,12 @@ from django.utils import timezone
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
-from imagetags.models import FeatureStatus, StockImage
+from imagetags.models import FeatureStatus, Post, StockImage
 from imagetags.services import vectors
+from imagetags.services.clustering import assign_to_active_set
 from imagetags.services.extractors import FeatureExtractor, get_extractor
 from imagetags.services.images import InvalidImage, open_image
+from imagetags.services.tagging import apply_auto_tags
 
 logger = logging.getLogger(__name__)
 
@@ -426,42 +427,19 @@ def _write_rows(rows: list[StockImage]) -> None:
         cursor.executemany(sql, params)
 
 
-def _optional_service(module: str, name: str) -> Callable[..., Any] | None:
-    """``imagetags.services.<module>.<name>`` if that module and function exist yet.
-
-    Incremental clustering and auto-tagging are optional steps after a batch is stored; only a
-    missing module is tolerated here, an import error *inside* one is a bug and is raised.
-    """
-    path = f"imagetags.services.{module}"
-    try:
-        imported = importlib.import_module(path)
-    except ModuleNotFoundError as exc:
-        if exc.name == path:
-            return None
-        raise
-    return getattr(imported, name, None)
-
-
 def _after_ready(ready: list[StockImage]) -> None:
     """Put fresh vectors into the active clustering, then auto-tag posts that are complete.
 
     The vectors are committed already; a failure here must not turn them into failed images, so
     it is logged and the next rebuild (which reads every ready vector) makes up for it.
     """
-    assign = _optional_service("clustering", "assign_to_active_set")
-    if assign is not None:
-        try:
-            assign(ready)
-        except Exception:
-            logger.exception("Could not add %d new vectors to the active clustering", len(ready))
+    try:
+        assign_to_active_set(ready)
+    except Exception:
+        logger.exception("Could not add %d new vectors to the active clustering", len(ready))
 
     if not imagetags_settings.AUTO_TAG:
         return
-    apply_auto_tags = _optional_service("tagging", "apply_auto_tags")
-    if apply_auto_tags is None:
-        return
-    from imagetags.models import Post
-
     post_ids = {row.post_id for row in ready}
     # A post is auto-tagged once none of its images is still waiting for a vector (failed
     # images do not hold it back forever).
