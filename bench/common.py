@@ -245,13 +245,12 @@ def embed_photos(
     extractor: Any, photos: Sequence[Photo], cache: VectorCache | None, batch_size: int = 16
 ) -> np.ndarray:
     """Unit vectors of ``photos`` (opened like uploads), from ``cache`` where present."""
-    from imagetags.services.images import open_image
 
     todo = [p for p in photos if cache is None or p.sha256 not in cache.vectors]
     found: dict[str, np.ndarray] = {} if cache is None else cache.vectors
     for start in range(0, len(todo), batch_size):
         part = todo[start : start + batch_size]
-        matrix = extractor.embed_batch([open_image(p.path)[0] for p in part])
+        matrix = extractor.embed_batch([extractor.open_image(p.path) for p in part])
         for photo, vector in zip(part, matrix, strict=True):
             found[photo.sha256] = vector
     if cache is not None and todo:

@@ -148,8 +148,6 @@ def prepare(ctx: Context) -> list[int]:
 def run(ctx: Context, ids: list[int]) -> None:
     from django.test import override_settings
 
-    from imagetags.services.images import open_image
-
     library, queries = feedme_split()
     _n, batch = sizes(ctx)
     rounds = 2 if ctx.quick else 5
@@ -165,7 +163,7 @@ def run(ctx: Context, ids: list[int]) -> None:
             extractors[label] = extractor
             n = images_for(ctx, label)
             arrays[label] = np.stack(
-                [extractor.prepare(open_image(p.path)[0]) for p in library[:n]]
+                [extractor.prepare(extractor.open_image(p.path)) for p in library[:n]]
             )
             _pipeline_vs_raw(ctx, label, extractor, ids[:n], arrays[label], batch, rounds)
             if label == ONE_THREAD:
@@ -237,11 +235,10 @@ def _pipeline_vs_raw(
 def _suggestion_latency(
     ctx: Context, label: str, extractor: Any, photos: list[Photo], rounds: int
 ) -> None:
-    from imagetags.services.images import open_image
     from imagetags.services.suggest import suggest
 
     api = _api_client()
-    pixels = [extractor.prepare(open_image(p.path)[0])[None] for p in photos]
+    pixels = [extractor.prepare(extractor.open_image(p.path))[None] for p in photos]
     suggest(str(photos[0].path))  # loads the active centres into the process cache
     samples: dict[str, list[float]] = {"raw": [], "service": [], "api": []}
     ctx.say(f"Target 2, {label}: suggest() and the API vs raw batch-1 forward.")

@@ -21,7 +21,14 @@ from imagetags.services.extractors import (
 )
 from imagetags.services.extractors.tflite import TFLiteExtractor
 from imagetags.services.extractors.vgg16 import RandomWeightsWarning, VGG16Extractor
-from tests.conftest import SHARED, TFLITE_MODEL, image_bytes, requires_tflite_model
+from tests.conftest import (
+    FEEDME_MANIFEST,
+    SHARED,
+    TFLITE_MODEL,
+    image_bytes,
+    requires_feedme,
+    requires_tflite_model,
+)
 
 FEEDME_IMAGES = SHARED / "data" / "feedme-dev" / "images"
 
@@ -248,6 +255,26 @@ def test_tflite_key(mobilenet):
     digest = hashlib.sha256(TFLITE_MODEL.read_bytes()).hexdigest()
     assert mobilenet.key == f"tflite/{digest[:12]}/MobilenetV2/Logits/AvgPool/224"
     assert re.fullmatch(r"tflite/[0-9a-f]{12}/MobilenetV2/Logits/AvgPool/224", mobilenet.key)
+
+
+@requires_tflite_model
+@requires_feedme
+def test_a_big_jpeg_decoded_in_draft_gives_the_full_decode_vector(mobilenet):
+    """Phone-size JPEGs are decoded at 1/2-1/8 scale for the model (``open_image``'s
+    ``draft_size``): the vector must stay the full decode's. Real photos, enlarged 4×."""
+    photos = sorted((FEEDME_MANIFEST.parent / "images").glob("*.jpg"))[:8]
+    drafted, full = [], []
+    for path in photos:
+        with Image.open(path) as photo:
+            big = photo.convert("RGB").resize((photo.width * 4, photo.height * 4))
+        buffer = io.BytesIO()
+        big.save(buffer, format="JPEG", quality=92)
+        image = mobilenet.open_image(io.BytesIO(buffer.getvalue()))
+        assert max(image.size) < max(big.size) // 2  # it was drafted
+        drafted.append(image)
+        full.append(big)
+    cosines = np.sum(mobilenet.embed_batch(drafted) * mobilenet.embed_batch(full), axis=1)
+    assert cosines.min() > 0.99, cosines
 
 
 @requires_tflite_model

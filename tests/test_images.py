@@ -293,3 +293,55 @@ def test_file_sha256_leaves_position_at_start(tmp_path: Path):
     path = tmp_path / "x.jpg"
     path.write_bytes(data)
     assert file_sha256(path) == file_sha256(str(path)) == expected
+
+
+# -- decoding for the model ---------------------------------------------------------------------
+
+
+def _photo(size: tuple[int, int]) -> Image.Image:
+    """A smooth photo-like picture (gradients and a disc) of any size."""
+    width, height = size
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).astype(np.float32)
+    pixels = np.stack(
+        [200 * x + 0 * y + 40 * disc, 180 * y + 0 * x, 120 + 100 * disc + 0 * x * y], axis=-1
+    )
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_draft_decodes_a_big_jpeg_small_but_never_below_the_model_input():
+    data = _save(_photo((2000, 1500)), "JPEG", quality=90)
+    full, full_info = _open(data)
+    small, small_info = _open(data, draft_size=224)
+    assert full.size == (2000, 1500)
+    # 1/4 scale: 1/8 would make the short side 188, below the model's 224.
+    assert small.size == (500, 375)
+    assert small_info == full_info  # the file's own size is reported either way
+    # The model input from the draft is the same picture as from the full decode.
+    expected = to_model_input(full, 64).astype(int)
+    assert np.abs(to_model_input(small, 64).astype(int) - expected).mean() < 3
+
+
+def test_draft_keeps_the_upright_picture_and_its_displayed_size():
+    upright = _photo((1600, 1200))
+    stored = upright.transpose(STORED_AS[6])
+    exif = Image.Exif()
+    exif[274] = 6
+    image, info = _open(_save(stored, "JPEG", quality=90, exif=exif), draft_size=224)
+    assert (info.width, info.height) == (1600, 1200)
+    assert image.size == (400, 300)
+    expected = to_model_input(upright, 64).astype(int)
+    assert np.abs(to_model_input(image, 64).astype(int) - expected).mean() < 3
+
+
+def test_draft_still_refuses_a_truncated_jpeg():
+    data = _save(_photo((1600, 1200)), "JPEG", quality=90)
+    assert "truncated" in _refusal(data[: len(data) // 2], draft_size=224)
+
+
+def test_draft_leaves_small_jpegs_and_other_formats_alone():
+    small = _save(_photo((400, 300)), "JPEG", quality=90)
+    assert _open(small, draft_size=224)[0].size == (400, 300)  # half would be below 224
+    png = _save(_photo((1600, 1200)), "PNG")
+    assert _open(png, draft_size=224)[0].size == (1600, 1200)

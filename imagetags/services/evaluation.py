@@ -37,7 +37,7 @@ from PIL import Image
 
 from imagetags.services import ranking
 from imagetags.services.extractors import FeatureExtractor
-from imagetags.services.images import InvalidImage, file_sha256, open_image
+from imagetags.services.images import InvalidImage, file_sha256
 from imagetags.services.library import (
     ManifestEntry,
     Rejection,
@@ -247,7 +247,7 @@ def embed_image_set(
         for index in chunk:
             entry = image_set.entries[index]
             try:
-                image, _info = open_image(entry.file)
+                image = extractor.open_image(entry.file)
             except (InvalidImage, OSError) as exc:
                 rejected.append(Rejection(entry.line, entry.path, str(exc)))
                 continue

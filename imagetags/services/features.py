@@ -31,7 +31,7 @@ from imagetags.models import FeatureStatus, Post, StockImage
 from imagetags.services import vectors
 from imagetags.services.clustering import assign_to_active_set
 from imagetags.services.extractors import FeatureExtractor, get_extractor
-from imagetags.services.images import InvalidImage, open_image
+from imagetags.services.images import InvalidImage
 from imagetags.services.tagging import apply_auto_tags
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _decode(storage: Any, name: str, extractor: FeatureExtractor) -> _Decoded:
     """
     try:
         with storage.open(name, "rb") as fh:
-            rgb, _info = open_image(fh)
+            rgb = extractor.open_image(fh)
         prepared = extractor.prepare(rgb)
         if isinstance(prepared, np.ndarray) and prepared.dtype == np.uint8 and prepared.ndim == 3:
             rgb = Image.fromarray(prepared, "RGB")

@@ -28,7 +28,7 @@ from imagetags.models import (
 )
 from imagetags.services import ranking, vectors
 from imagetags.services.clustering import load_centers
-from imagetags.services.images import ImageSource, open_image
+from imagetags.services.images import ImageSource
 
 
 class SuggestionUnavailable(Exception):
@@ -103,8 +103,7 @@ def embed(source: StockImage | ImageSource, extractor_key: str | None = None) ->
         ):
             return vectors.from_bytes(source.vector)
         source = source.image
-    image, _info = open_image(source)
-    return extractor.embed_batch([image])[0]
+    return extractor.embed_batch([extractor.open_image(source)])[0]
 
 
 def active_cluster_set() -> ClusterSet:
@@ -195,15 +194,14 @@ def _suggest_by_votes(
     exclude: Collection[str],
 ) -> Suggestions:
     """Neighbour voting over the inverted file of the active set (``services/index.py``)."""
-    from imagetags.services.index import post_tags_of, voting_index
+    from imagetags.services.index import voting_index
 
     params = vote_params()
     index = voting_index(cluster_set)
-    found = index.neighbours(vector, params)
-    tags = post_tags_of(found.post_ids)
+    found = index.neighbours(vector, params)  # with the neighbours' tags, read by this query
     votes = ranking.neighbour_votes(
         found.voters,
-        [tags[post_id] for post_id in found.post_ids],
+        found.tag_sets,
         found.similarities,
         temperature=params.temperature,
     )

@@ -22,7 +22,7 @@ from imagetags.services.extractors import (
 )
 from imagetags.services.extractors.quantize import MIN_SAMPLES, QuantizationError, export_int8
 from imagetags.services.extractors.vgg16 import VGG16Extractor
-from imagetags.services.images import InvalidImage, open_image
+from imagetags.services.images import InvalidImage
 
 
 class Command(BaseCommand):
@@ -147,7 +147,7 @@ class Command(BaseCommand):
                         continue
                     try:
                         with row.image.open("rb") as fh:
-                            image, _info = open_image(fh)
+                            image = extractor.open_image(fh)
                     except (InvalidImage, OSError):
                         continue  # unreadable files are compute_features' business, not ours
                     pixels.append(extractor.prepare(image))

@@ -7,6 +7,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,6 +69,23 @@ class FeatureExtractor(ABC):
 
         Returns raw (not normalised) float32 features of shape (n, dim).
         """
+
+    @property
+    def decode_size(self) -> int:
+        """The side a decoded image must keep for ``prepare`` (the model input's longer side)."""
+        return self.input_size
+
+    def open_image(self, source: Any) -> Image.Image:
+        """Open and check an image file for this model: ``images.open_image``, with JPEGs
+        decoded at the smallest DCT scale that keeps both sides at least ``decode_size``.
+
+        Every path that embeds a file (features, suggestions, evaluation, the int8 export) opens
+        it here, so a photo gets the same vector whichever path embeds it.
+        """
+        from imagetags.services.images import open_image
+
+        image, _info = open_image(source, draft_size=self.decode_size)
+        return image
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """Resize an RGB image to the model input: (size, size, 3) uint8.

@@ -125,6 +125,11 @@ class TFLiteExtractor(FeatureExtractor):
         return int(self._input["shape"][1])
 
     @property
+    def decode_size(self) -> int:
+        self.load()
+        return int(max(self._input["shape"][1], self._input["shape"][2]))
+
+    @property
     def tensor_name(self) -> str:
         """Name of the embedding tensor, given or found."""
         self.load()
