@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="images in the flatten-mode rebuild (default 5000; 0 skips)",
     )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="extraction backends to measure, by words of their label "
+        "(e.g. 'MobileNetV2'; default: all)",
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the rows and facts here"
@@ -56,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(workdir=args.workdir, quick=args.quick, fresh=args.fresh)
+    ctx = Context(
+        workdir=args.workdir,
+        quick=args.quick,
+        fresh=args.fresh,
+        backends=[b.strip() for b in args.backends.split(",")] if args.backends else None,
+    )
     started = time.perf_counter()
     ctx.facts["machine_before"] = machine_summary()
 

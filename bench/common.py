@@ -78,6 +78,7 @@ class Context:
     facts: dict[str, Any] = field(default_factory=dict)  # extra figures for docs/performance.md
     int8_model: Path | None = None
     int8_tensor: str | None = None
+    backends: list[str] | None = None  # labels to measure (None: all)
 
     def say(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -119,6 +119,33 @@ def main() -> None:
     )
     _print(profiler, args.top)
 
+    from bench.extraction import _api_client
+
+    client = _api_client()
+    if client is None:
+        return
+    uploads = [Path(path).read_bytes() for path in paths]
+
+    def post(data: bytes) -> None:
+        response = client.post(
+            "/api/imagetags/suggestions/", {"image": io.BytesIO(data)}, format="multipart"
+        )
+        assert response.status_code == 200, response.content
+
+    post(uploads[0])
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for data in uploads:
+        post(data)
+    profiler.disable()
+    wall = time.perf_counter() - started
+    print(
+        f"API POST /suggestions/ (test client), {args.backend}, {len(paths)} calls: "
+        f"{wall / len(paths) * 1000:.1f} ms each"
+    )
+    _print(profiler, args.top)
+
 
 # (label, function name) of the pipeline's stages, for the cumulative-time breakdown.
 STAGES = [

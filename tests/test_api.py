@@ -29,6 +29,7 @@ from imagetags.models import (
     TagFrequency,
 )
 from imagetags.services.clustering import rebuild_clusters
+from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
 from imagetags.services.images import InvalidImage, open_image
 from imagetags.services.suggest import NoActiveClusters, suggest, suggest_many
@@ -140,6 +141,26 @@ def test_several_images_merge_their_suggestions(api, colour_library):
     assert body["cluster"] is None
     assert body["clusters"] == [r.cluster for r in expected.per_image]
     assert len(set(body["clusters"])) == 2
+
+
+def test_each_upload_is_decoded_once(api, colour_library, monkeypatch):
+    """The endpoint validates the uploads by opening them, and embeds what it opened: decoding
+    a file a second time would cost as much as a light model's forward pass."""
+    from imagetags.services import images
+
+    opened = []
+    real_open = images.open_image
+
+    def counting_open(source, **kwargs):
+        opened.append(kwargs.get("draft_size"))
+        return real_open(source, **kwargs)
+
+    monkeypatch.setattr(images, "open_image", counting_open)
+    monkeypatch.setattr("imagetags.services.posts.open_image", counting_open)
+    response = api.post(url("suggestions"), {"image": [red(), blue()]})
+    assert response.status_code == 200, response.content
+    assert len(opened) == 2  # one per file
+    assert set(opened) == {get_extractor().decode_size}  # at the model's scale
 
 
 def test_no_clusters_yet_is_409_with_the_reason(api, media_root):

@@ -6,12 +6,14 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
+from PIL import Image
 from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import Cluster, ClusterSet, Post, PostTag, StockImage, Tag
+from imagetags.services.extractors import get_extractor
 from imagetags.services.images import InvalidImage
 from imagetags.services.posts import ShownSuggestion, validate_uploads
 from imagetags.services.suggest import MergedSuggestions, Suggestions
@@ -99,14 +101,14 @@ class SuggestionRequestSerializer(SuggestionParamsSerializer):
         help_text="The image; repeat the field for the images of one post (suggestions merge)."
     )
 
-    def validate_image(self, files: list[Any]) -> list[Any]:
+    def validate_image(self, files: list[Any]) -> list[Image.Image]:
         # The upload rules of every other path (format from the bytes, pixel cap, file count),
-        # with the file at fault named; a bad file must not cost a forward pass.
+        # with the file at fault named; a bad file must not cost a forward pass. The decoded
+        # images (JPEGs at the model's scale) are what the view embeds: each file is decoded once.
         try:
-            validate_uploads(files)
+            return validate_uploads(files, draft_size=get_extractor().decode_size)
         except InvalidImage as exc:
             raise serializers.ValidationError(str(exc)) from None
-        return files
 
 
 class SuggestedTagSerializer(serializers.Serializer):

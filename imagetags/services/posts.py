@@ -16,6 +16,7 @@ from typing import Any
 
 from django.core.files.storage import Storage
 from django.db import transaction
+from PIL import Image
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
@@ -61,19 +62,25 @@ def discard_files_on_error(storage: Storage) -> Iterator[list[str]]:
         raise
 
 
-def validate_uploads(files: Sequence[Any]) -> None:
-    """Open every file with the upload rules; :class:`InvalidImage` names the file at fault."""
+def validate_uploads(files: Sequence[Any], *, draft_size: int | None = None) -> list[Image.Image]:
+    """Open every file with the upload rules; :class:`InvalidImage` names the file at fault.
+
+    Returns the decoded images, so a caller that embeds them next (the suggestions endpoint)
+    decodes each file once; ``draft_size`` as in ``images.open_image``.
+    """
     if not files:
         raise InvalidImage("Choose at least one image.")
     limit = imagetags_settings.MAX_FILES_PER_POST
     if len(files) > limit:
         raise TooManyFiles(f"At most {limit} images per post; {len(files)} were sent.")
+    images = []
     for upload in files:
         try:
-            open_image(upload)
+            images.append(open_image(upload, draft_size=draft_size)[0])
         except InvalidImage as exc:
             name = getattr(upload, "name", "") or "the file"
             raise InvalidImage(f"{name}: {exc}") from None
+    return images
 
 
 def create_post(

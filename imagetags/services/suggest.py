@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
+from PIL import Image
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
@@ -86,8 +87,13 @@ class Suggestions:
         return data
 
 
-def embed(source: StockImage | ImageSource, extractor_key: str | None = None) -> np.ndarray:
+def embed(
+    source: StockImage | ImageSource | Image.Image, extractor_key: str | None = None
+) -> np.ndarray:
     """The unit feature vector of an image: the stored one when it is current, else computed now.
+
+    A PIL image is taken as already opened and checked (``images.open_image``), e.g. by the API's
+    validation, which decodes each upload once.
 
     Computing here is for the CLI, the API and tests; the upload flow stores vectors through the
     background task, so a web request only embeds an image the user is choosing right now.
@@ -103,7 +109,8 @@ def embed(source: StockImage | ImageSource, extractor_key: str | None = None) ->
         ):
             return vectors.from_bytes(source.vector)
         source = source.image
-    return extractor.embed_batch([extractor.open_image(source)])[0]
+    image = source if isinstance(source, Image.Image) else extractor.open_image(source)
+    return extractor.embed_batch([image])[0]
 
 
 def active_cluster_set() -> ClusterSet:
@@ -132,14 +139,15 @@ def vote_params() -> ranking.VoteParams:
 
 
 def suggest(
-    image: StockImage | ImageSource | np.ndarray,
+    image: StockImage | ImageSource | Image.Image | np.ndarray,
     *,
     limit: int | None = None,
     threshold: float | None = None,
     exclude: Iterable[str] = (),
     method: str | None = None,
 ) -> Suggestions:
-    """Ranked tag suggestions for an image (a StockImage, a file, a path, or a unit vector).
+    """Ranked tag suggestions for an image (a StockImage, a file, a path, an image opened by
+    ``images.open_image``, or a unit vector).
 
     Top ``limit`` tags (default ``SUGGEST_LIMIT``) by ``method`` (default ``SUGGEST_METHOD``,
     see the module docstring), only those on at least ``threshold`` of the posts behind them
@@ -320,7 +328,7 @@ def merge_suggestions(
 
 
 def suggest_many(
-    images: Iterable[StockImage | ImageSource | np.ndarray],
+    images: Iterable[StockImage | ImageSource | Image.Image | np.ndarray],
     *,
     limit: int | None = None,
     threshold: float | None = None,
