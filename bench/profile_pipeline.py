@@ -17,6 +17,7 @@ import os
 import pstats
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -105,46 +106,35 @@ def main() -> None:
         f"({summary.ready / wall:.1f} img/s), {sequential / wall:.2f}× the one-thread run\n"
     )
 
-    profiler = cProfile.Profile()
     paths = [str(photo.path) for photo in queries[:20]]
-    suggest(paths[0])
-    started = time.perf_counter()
-    profiler.enable()
-    for path in paths:
-        suggest(path)
-    profiler.disable()
-    wall = time.perf_counter() - started
-    print(
-        f"suggest(path), {args.backend}, {len(paths)} calls: {wall / len(paths) * 1000:.1f} ms each"
-    )
-    _print(profiler, args.top)
+    _profile_calls(f"suggest(path), {args.backend}", suggest, paths, args.top)
 
     from bench.extraction import _api_client
 
     client = _api_client()
     if client is None:
         return
-    uploads = [Path(path).read_bytes() for path in paths]
 
-    def post(data: bytes) -> None:
-        response = client.post(
-            "/api/imagetags/suggestions/", {"image": io.BytesIO(data)}, format="multipart"
-        )
+    def post(path: str) -> None:
+        with open(path, "rb") as fh:
+            response = client.post("/api/imagetags/suggestions/", {"image": fh})
         assert response.status_code == 200, response.content
 
-    post(uploads[0])
+    _profile_calls(f"API POST /suggestions/ (test client), {args.backend}", post, paths, args.top)
+
+
+def _profile_calls(label: str, call: Callable[[str], object], paths: list[str], top: int) -> None:
+    """cProfile of ``call(path)`` for every path, after one untimed call."""
+    call(paths[0])
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
-    for data in uploads:
-        post(data)
+    for path in paths:
+        call(path)
     profiler.disable()
     wall = time.perf_counter() - started
-    print(
-        f"API POST /suggestions/ (test client), {args.backend}, {len(paths)} calls: "
-        f"{wall / len(paths) * 1000:.1f} ms each"
-    )
-    _print(profiler, args.top)
+    print(f"{label}, {len(paths)} calls: {wall / len(paths) * 1000:.1f} ms each")
+    _print(profiler, top)
 
 
 # (label, function name) of the pipeline's stages, for the cumulative-time breakdown.
