@@ -73,12 +73,18 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
     fitted = ranking.fit_clusters(matrix[sample], k, seed=seed)
     labels, _sims = ranking.nearest_centers(matrix, fitted.centers)
     lists = ranking.InvertedLists.from_labels(matrix, labels, fitted.centers)
+    # The compact blocks services/index.py keeps for sets over 256 MB of float32: bfloat16.
+    compact = ranking.InvertedLists(
+        centers=lists.centers, blocks=[ranking.to_bfloat16(b) for b in lists.blocks], ids=lists.ids
+    )
     rng = np.random.default_rng(seed + 1)
     picks = rng.integers(0, n, queries)
     noise = rng.normal(scale=0.9 / np.sqrt(dim), size=(queries, dim)).astype(np.float32)
     probes_q = l2_normalize(matrix[picks] + noise)
 
-    def answer(query: np.ndarray, params: ranking.VoteParams) -> tuple[list, np.ndarray]:
+    def answer(
+        query: np.ndarray, params: ranking.VoteParams, inverted: ranking.InvertedLists = lists
+    ) -> tuple[list, np.ndarray]:
         if params.probes is None:
 
             def search(c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +93,7 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
         else:
 
             def search(c: int) -> tuple[np.ndarray, np.ndarray]:
-                return lists.search(query, params.probes, c)
+                return inverted.search(query, params.probes, c)
 
         ids, sims, who = ranking.nearest_voters(search, voters.__getitem__, params.neighbours, n)
         votes = ranking.neighbour_votes(
@@ -98,7 +104,8 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
 
     for query in probes_q[:5]:  # warm caches and code paths
         answer(query, exact), answer(query, voting)
-    exact_ms, ivf_ms, recall, same_top5 = [], [], [], []
+    exact_ms, ivf_ms, compact_ms, recall, same_top5 = [], [], [], [], []
+    compact_recall, compact_same = [], []
     for query in probes_q:
         started = time.perf_counter()
         exact_ranked, exact_ids = answer(query, exact)
@@ -106,8 +113,15 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
         started = time.perf_counter()
         ivf_ranked, ivf_ids = answer(query, voting)
         ivf_ms.append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        compact_ranked, compact_ids = answer(query, voting, compact)
+        compact_ms.append(1000 * (time.perf_counter() - started))
         recall.append(len(set(exact_ids.tolist()) & set(ivf_ids.tolist())) / len(exact_ids))
         same_top5.append([t.tag for t in exact_ranked[:5]] == [t.tag for t in ivf_ranked[:5]])
+        compact_recall.append(
+            len(set(ivf_ids.tolist()) & set(compact_ids.tolist())) / max(1, len(ivf_ids))
+        )
+        compact_same.append([t.tag for t in ivf_ranked[:5]] == [t.tag for t in compact_ranked[:5]])
     members = np.bincount(labels, minlength=fitted.k)
     touched = [
         fitted.k + int(members[ranking.nearest_lists(q, fitted.centers, voting.probes)].sum())
@@ -123,6 +137,9 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
         "exact_ms": exact_median,
         "ivf_ms": ivf_median,
         "ratio": exact_median / ivf_median,
+        "compact_ms": statistics.median(compact_ms),
+        "compact_recall": statistics.mean(compact_recall),
+        "compact_same_top5": statistics.mean(compact_same),
         "recall": statistics.mean(recall),
         "same_top5": statistics.mean(same_top5),
     }
@@ -161,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['touched']:>9.0f} {row['exact_ms']:>8.2f} {row['ivf_ms']:>7.2f} "
             f"{row['ratio']:>6.1f}× {'≥10× ' + ('ok' if ok else 'MISSED'):>7} "
             f"{row['recall']:>9.3f} {row['same_top5']:>10.1%}",
+            flush=True,
+        )
+        print(
+            f"      bfloat16 blocks: {row['compact_ms']:.2f} ms "
+            f"({row['compact_ms'] / row['ivf_ms']:.2f}× float32 ivf), neighbours shared with "
+            f"float32 ivf {row['compact_recall']:.3f}, same top 5 {row['compact_same_top5']:.1%}",
             flush=True,
         )
     print()

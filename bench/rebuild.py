@@ -73,8 +73,9 @@ def suggestion_cost(ctx: Context, n: int) -> None:
                 f"suggest(vector) at {n:,} images, method {method or 'default'}: median",
                 result["median_ms"],
                 "",
-                f"no forward pass; first call {result['first_ms']:.0f} ms (loads centres or "
-                f"index), peak RSS {result['peak_rss_mb']:.0f} MB",
+                f"no forward pass; warm {result['warm_median_ms']:.2f} ms (the same queries "
+                f"again); first call {result['first_ms']:.0f} ms (loads centres or index), peak "
+                f"RSS {result['peak_rss_mb']:.0f} MB",
                 " ms",
             )
         )

@@ -15,6 +15,7 @@ memberships, activation) and prints one JSON line: seconds per stage and the pea
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import resource
 import time
@@ -173,10 +174,18 @@ def peak_rss_mb() -> float:
 
 
 def suggest_latency(
-    workdir: Path, name: str, dim: int, method: str | None = None, queries: int = 50
+    workdir: Path,
+    name: str,
+    dim: int,
+    method: str | None = None,
+    queries: int = 50,
+    profile: Path | None = None,
 ) -> dict:
     """``suggest(vector)`` on the active clustering: what one suggestion costs besides the
-    forward pass, at this library size (the stored vectors of random images are the queries)."""
+    forward pass, at this library size (the stored vectors of random images are the queries).
+
+    With ``profile``, the queries after the first run under cProfile and the statistics are
+    written there (``python -m pstats FILE``): where a warm suggestion's time goes."""
     setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim)}, fresh_db=False)
     from imagetags.models import StockImage
     from imagetags.services import vectors
@@ -192,15 +201,30 @@ def suggest_latency(
     suggest(query_vectors[0], **options)  # loads the centres (and any index) into this process
     first = time.perf_counter() - started
     times = []
+    profiler = cProfile.Profile() if profile else None
     for vector in query_vectors[1:]:
+        if profiler:
+            profiler.enable()
         started = time.perf_counter()
         suggest(vector, **options)
         times.append(time.perf_counter() - started)
+        if profiler:
+            profiler.disable()
+    if profiler:
+        profiler.dump_stats(str(profile))
+    # The same queries again: what they cost once the clusters they touch are in memory (the
+    # first round also loads, lazily, each cluster the first time a query probes it).
+    warm = []
+    for vector in query_vectors[1:]:
+        started = time.perf_counter()
+        suggest(vector, **options)
+        warm.append(time.perf_counter() - started)
     return {
         "n": len(ids),
         "method": method or "default",
         "first_ms": first * 1000,
         "median_ms": float(np.median(times)) * 1000,
+        "warm_median_ms": float(np.median(warm)) * 1000,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -217,6 +241,10 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", default=None, help="suggest step: a suggest() method")
+    parser.add_argument("--queries", type=int, default=50, help="suggest step: %(default)s")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="suggest step: write cProfile stats here"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "populate":
@@ -224,7 +252,9 @@ def main() -> None:
     elif args.step == "rebuild":
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
     else:
-        result = suggest_latency(args.workdir, args.name, args.dim, args.method)
+        result = suggest_latency(
+            args.workdir, args.name, args.dim, args.method, args.queries, args.profile
+        )
     print(json.dumps(result), flush=True)
 
 

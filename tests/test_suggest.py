@@ -10,7 +10,6 @@ from django.core.management.base import CommandError
 
 from imagetags.models import ClusterSet, FeatureStatus, StockImage
 from imagetags.services import vectors
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.images import InvalidImage
 from imagetags.services.suggest import ExtractorMismatch, NoActiveClusters, suggest
 
@@ -23,28 +22,18 @@ def patent_method(settings):
     settings.IMAGETAGS = {**settings.IMAGETAGS, "SUGGEST_METHOD": "cluster"}
 
 
-@pytest.fixture
-def two_topics(add_post):
-    """Axis 0: cakes (3 posts), axis 1: soups (4 posts); "food" everywhere."""
-    for name in ("cake", "cake", "cupcake"):
-        add_post(["food", name, "sweet"], [0])
-    for extra in ("tomato", "tomato", "pea", None):
-        add_post(["food", "soup"] + ([extra] if extra else []), [1])
-    return rebuild_clusters(k=2, algorithm="kmeans")
-
-
-def test_nearest_cluster_tags_ranked_by_post_frequency(two_topics):
+def test_nearest_cluster_tags_ranked_by_post_frequency(soups_and_cakes):
     result = suggest(unit(1, 0.1, seed=99))
     assert [t.name for t in result.tags] == ["food", "soup", "tomato", "pea"]
     assert [t.post_count for t in result.tags] == [4, 4, 2, 1]
     assert result.tags[2].score == 0.5
     assert result.tags[2].evidence == "in 2 of 4 similar posts"
-    assert result.cluster_set == two_topics.pk
-    assert result.extractor == two_topics.extractor_key
+    assert result.cluster_set == soups_and_cakes.pk
+    assert result.extractor == soups_and_cakes.extractor_key
     assert 0.9 < result.similarity <= 1.0
 
 
-def test_limit_threshold_and_exclude(two_topics):
+def test_limit_threshold_and_exclude(soups_and_cakes):
     query = unit(0, 0.1, seed=5)
     assert [t.name for t in suggest(query, limit=2).tags] == ["food", "sweet"]
     # cake is on 2 of 3 posts (0.67), cupcake on 1 of 3 (0.33).
@@ -52,12 +41,12 @@ def test_limit_threshold_and_exclude(two_topics):
     assert [t.name for t in suggest(query, exclude=[" FOOD ", "sweet"]).tags] == ["cake", "cupcake"]
 
 
-def test_suggest_for_a_stored_image_uses_its_vector(two_topics):
+def test_suggest_for_a_stored_image_uses_its_vector(soups_and_cakes):
     image = StockImage.objects.filter(post__tags__name="soup").first()
     assert suggest(image, limit=2).tags[1].name == "soup"
 
 
-def test_as_dict_is_json_ready(two_topics):
+def test_as_dict_is_json_ready(soups_and_cakes):
     data = json.loads(json.dumps(suggest(unit(0), limit=1).as_dict()))
     assert data["tags"] == [
         {
@@ -76,13 +65,13 @@ def test_no_clusters_yet_is_a_clear_error(db):
         suggest(unit(0))
 
 
-def test_clusters_of_another_extractor_are_not_used(two_topics):
-    ClusterSet.objects.filter(pk=two_topics.pk).update(extractor_key="tflite/abc/x/224")
+def test_clusters_of_another_extractor_are_not_used(soups_and_cakes):
+    ClusterSet.objects.filter(pk=soups_and_cakes.pk).update(extractor_key="tflite/abc/x/224")
     with pytest.raises(ExtractorMismatch, match="built with tflite/abc/x/224"):
         suggest(unit(0))
 
 
-def test_bad_file_is_refused_before_any_lookup(two_topics, tmp_path):
+def test_bad_file_is_refused_before_any_lookup(soups_and_cakes, tmp_path):
     bogus = tmp_path / "notes.jpg"
     bogus.write_text("not an image")
     with pytest.raises(InvalidImage, match="not an image"):
@@ -123,7 +112,7 @@ def test_end_to_end_real_features_and_cli(
     assert "red" in capsys.readouterr().out
 
 
-def test_suggest_tags_cli_reports_bad_files(two_topics, tmp_path, capsys):
+def test_suggest_tags_cli_reports_bad_files(soups_and_cakes, tmp_path, capsys):
     bogus = tmp_path / "bogus.jpg"
     bogus.write_bytes(b"")
     with pytest.raises(CommandError, match="1 of 1 files could not be read"):

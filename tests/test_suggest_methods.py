@@ -13,7 +13,7 @@ from imagetags.services import ranking
 from imagetags.services import vectors as vec
 from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
 from imagetags.services.evaluation import ClusterModel, ImageSet, LibraryModel
-from imagetags.services.index import reset_voting_index, voting_index
+from imagetags.services.index import VotingIndex, reset_voting_index, voting_index
 from imagetags.services.suggest import suggest, suggest_many, suggest_method
 
 from .conftest import unit
@@ -36,16 +36,6 @@ def voting(settings, **values):
 
 def method(settings, name: str) -> None:
     settings.IMAGETAGS = {**(getattr(settings, "IMAGETAGS", {}) or {}), "SUGGEST_METHOD": name}
-
-
-@pytest.fixture
-def soups_and_cakes(add_post):
-    """Axis 0: 3 cake posts; axis 1: 4 soup posts; "food" on all 7. K = 2."""
-    for name in ("cake", "cake", "cupcake"):
-        add_post(["food", name, "sweet"], [0])
-    for extra in ("tomato", "tomato", "pea", None):
-        add_post(["food", "soup"] + ([extra] if extra else []), [1])
-    return rebuild_clusters(k=2, algorithm="kmeans")
 
 
 def active_set() -> ClusterSet:
@@ -113,7 +103,9 @@ def test_limit_threshold_and_exclude(soups_and_cakes, settings):
     assert names(suggest(query, exclude=[" FOOD ", "sweet"])) == ["cake", "cupcake"]
 
 
-def test_only_the_probed_clusters_are_loaded(add_post, settings):
+def test_only_the_probed_clusters_are_loaded(add_post, settings, monkeypatch):
+    # What a large set does; a small one is read whole (tests/test_index_scale.py).
+    monkeypatch.setattr(VotingIndex, "preload_below_bytes", 0)
     for axis in range(6):
         for _n in range(3):
             add_post([f"topic{axis}", "food"], [axis])

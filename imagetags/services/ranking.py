@@ -489,11 +489,11 @@ def top_similar(query: np.ndarray, matrix: np.ndarray, n: int) -> tuple[np.ndarr
     if matrix.shape[0] == 0 or n <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     sims = matrix @ query
-    order = _top_order(sims, n)
+    order = top_order(sims, n)
     return order, sims[order]
 
 
-def _top_order(sims: np.ndarray, n: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
+def top_order(sims: np.ndarray, n: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Positions of the ``n`` largest ``sims``, largest first; ties by ``tiebreak`` (default:
     position), so results do not depend on argpartition's internal order."""
     top = np.argpartition(-sims, n - 1)[:n] if n < sims.shape[0] else np.arange(sims.shape[0])
@@ -511,15 +511,54 @@ def search_blocks(
     query: np.ndarray, blocks: Sequence[np.ndarray], ids: Sequence[np.ndarray], n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n`` most similar rows over several blocks of vectors: their ids and similarities,
-    most similar first (ties by id)."""
+    most similar first (ties by id). Blocks are float32 or :func:`to_bfloat16` rows."""
     if not blocks or n <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    sims = np.concatenate([block @ query for block in blocks])
+    sims = np.concatenate([block_similarities(block, query) for block in blocks])
     all_ids = np.concatenate(ids)
     if sims.shape[0] == 0:
         return all_ids, sims
-    order = _top_order(sims, n, all_ids)
+    order = top_order(sims, n, all_ids)
     return all_ids[order], sims[order]
+
+
+# Compact blocks: bfloat16, the upper half of each float32, kept as uint16. Widening is one
+# integer shift, which NumPy does at memory speed, while its float16 cast runs ~6× slower than
+# the float32 scan itself (measured: docs/performance.md §2). A row's similarity moves by at most
+# ~3e-4 (8 significant bits per value; the query stays float32).
+BFLOAT16 = np.dtype(np.uint16)
+# Rows widened at a time: 256 × 512-d float32 is 512 KB, within the L2 cache.
+_WIDEN_BYTES = 2**19
+
+
+def to_bfloat16(matrix: np.ndarray) -> np.ndarray:
+    """float32 rows as bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(matrix, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(BFLOAT16)
+
+
+def from_bfloat16(block: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns back to float32 (exact: every bfloat16 is a float32)."""
+    return (block.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def block_similarities(block: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``block @ query`` for a float32 block, or for a bfloat16 one widened a few hundred rows
+    at a time into a cache-sized buffer (never the whole block: that would undo the saving)."""
+    if block.dtype != BFLOAT16:
+        return block @ query
+    n, dim = block.shape
+    out = np.empty(n, dtype=np.float32)
+    step = max(1, _WIDEN_BYTES // (4 * max(dim, 1)))
+    buffer = np.empty((min(step, n), dim), dtype=np.uint32)
+    query = np.asarray(query, dtype=np.float32)
+    for start in range(0, n, step):
+        rows = block[start : start + step]
+        wide = buffer[: rows.shape[0]]
+        np.left_shift(rows, 16, out=wide, dtype=np.uint32)
+        np.dot(wide.view(np.float32), query, out=out[start : start + rows.shape[0]])
+    return out
 
 
 @dataclass
