@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -25,7 +27,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+# The browser tests photograph the pages they check. A test run must not rewrite tracked files,
+# so they go to a scratch directory unless `make screenshots` asks for the README's copies.
+SCREENSHOTS = Path(
+    os.environ.get("IMAGETAGS_SCREENSHOTS") or Path(tempfile.gettempdir()) / "imagetags-screenshots"
+)
 
 requires_tflite_model = pytest.mark.skipif(
     not TFLITE_MODEL.exists(), reason=f"needs the MobileNetV2 TFLite model at {TFLITE_MODEL}"
@@ -144,3 +150,15 @@ def add_post(db, make_upload):
         return post
 
     return factory
+
+
+@pytest.fixture
+def soups_and_cakes(add_post):
+    """Axis 0: 3 cake posts; axis 1: 4 soup posts; "food" on all 7; clustered with K = 2."""
+    from imagetags.services.clustering import rebuild_clusters
+
+    for name in ("cake", "cake", "cupcake"):
+        add_post(["food", name, "sweet"], [0])
+    for extra in ("tomato", "tomato", "pea", None):
+        add_post(["food", "soup"] + ([extra] if extra else []), [1])
+    return rebuild_clusters(k=2, algorithm="kmeans")
