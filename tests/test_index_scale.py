@@ -89,12 +89,12 @@ def test_compact_blocks_find_the_same_neighbours_within_rounding():
 # --- the index on the database --------------------------------------------------------------
 
 
-def test_a_warm_suggestion_makes_three_queries(soups_and_cakes, django_assert_num_queries):
+def test_a_warm_suggestion_makes_four_queries(soups_and_cakes, django_assert_num_queries):
     query = unit(1, 0.05, seed=8)
     suggest(query)  # loads centres, blocks and priors
-    # The active set, the freshness check (one MAX, no rows), the neighbours' tags (which also
-    # tells deleted images apart): nothing else.
-    with django_assert_num_queries(3):
+    # The active set, the freshness check (one MAX, no rows), which candidates still exist,
+    # the voters' tags: nothing else.
+    with django_assert_num_queries(4):
         suggest(query)
 
 
@@ -105,9 +105,9 @@ def test_new_memberships_are_read_only_when_there_are_some(
     suggest(query)
     post = add_post(["food", "soup", "miso"], [1], jitter=0.0)
     assert assign_to_active_set(post.images.all()) == 1
-    with django_assert_num_queries(4):  # + the new memberships
+    with django_assert_num_queries(5):  # + the new memberships
         assert "miso" in names(suggest(query))
-    with django_assert_num_queries(3):
+    with django_assert_num_queries(4):
         suggest(query)
 
 
