@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections, router
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
     ClusterSet,
+    ClusterSetStatus,
     FeatureStatus,
     StockImage,
     TagFrequency,
@@ -113,10 +115,33 @@ def embed(
     return extractor.embed_batch([image])[0]
 
 
+# The active set as last read: (its key and activation time, the row).
+_serving: tuple[tuple, ClusterSet] | None = None
+
+
 def active_cluster_set() -> ClusterSet:
-    cluster_set = ClusterSet.objects.active()
-    if cluster_set is None:
+    """The active cluster set: its key and activation time are looked up on every call (one
+    indexed query, plain SQL: it runs on every suggestion), the row itself is read again only
+    when another set has been activated since. What a suggestion reads of the row (key,
+    extractor, dimension, activation time) does not change while a set is active."""
+    global _serving
+    connection = connections[router.db_for_read(ClusterSet)]
+    meta = ClusterSet._meta
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {quote(meta.pk.column)}, {quote(meta.get_field('activated').column)} "
+            f"FROM {quote(meta.db_table)} WHERE {quote(meta.get_field('status').column)} = %s",
+            [ClusterSetStatus.ACTIVE],
+        )
+        row = cursor.fetchone()
+    if row is None:
         raise NoActiveClusters()
+    serving = _serving
+    if serving is not None and serving[0] == tuple(row):
+        return serving[1]
+    cluster_set = ClusterSet.objects.get(pk=row[0])
+    _serving = (tuple(row), cluster_set)
     return cluster_set
 
 
