@@ -18,6 +18,7 @@ from django.test import Client
 from django.urls import reverse
 from drf_spectacular.validation import validate_schema
 
+from imagetags.api.serializers import SuggestedTagSerializer, SuggestionsSerializer
 from imagetags.models import (
     ClusterSet,
     ClusterSetStatus,
@@ -120,6 +121,9 @@ def test_suggestions_for_an_upload_come_from_its_nearest_cluster(
         {k: v for k, v in tag.as_dict().items() if k in body["tags"][0]} for tag in expected.tags
     ]
     assert body["tags"][0]["evidence"] == "in 3 of 3 similar posts"
+    # The response is built directly (not field by field): it must still be what the schema says.
+    assert set(body) == set(SuggestionsSerializer._declared_fields)
+    assert all(set(tag) == set(SuggestedTagSerializer._declared_fields) for tag in body["tags"])
     assert body["cluster"] == expected.cluster and body["clusters"] == [expected.cluster]
     assert body["cluster_set"] == colour_library.pk
     assert body["extractor"] == colour_library.extractor_key
