@@ -79,6 +79,23 @@ def suggestion_cost(ctx: Context, n: int) -> None:
                 " ms",
             )
         )
+    ctx.say(f"First suggest(vector) after warm_up() on the {n:,}-image library.")
+    args = ["suggest", "--name", f"rebuild-{n}x512", "--dim", "512", "--warm-up", "--queries", "5"]
+    result = worker(ctx, *args)
+    ctx.facts.setdefault("suggest_after_warm_up", []).append(result)
+    ctx.rows.append(
+        Row(
+            "2",
+            f"first suggest(vector) after warm_up() at {n:,} images, method default",
+            result["first_ms"],
+            "",
+            f"warm_up() took {result['warm_up_seconds']:.1f} s in the background (model, "
+            f"centres, every cluster, tag shares); later calls median {result['median_ms']:.2f} "
+            f"ms; index {result['index_mb']:.0f} MB, peak RSS {result['peak_rss_mb']:.0f} MB "
+            "with the model",
+            " ms",
+        )
+    )
 
 
 def run(ctx: Context, sizes: list[int], flatten_n: int) -> None:

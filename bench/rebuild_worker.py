@@ -180,12 +180,15 @@ def suggest_latency(
     method: str | None = None,
     queries: int = 50,
     profile: Path | None = None,
+    warm_up: bool = False,
 ) -> dict:
     """``suggest(vector)`` on the active clustering: what one suggestion costs besides the
     forward pass, at this library size (the stored vectors of random images are the queries).
 
     With ``profile``, the queries after the first run under cProfile and the statistics are
-    written there (``python -m pstats FILE``): where a warm suggestion's time goes."""
+    written there (``python -m pstats FILE``): where a warm suggestion's time goes. With
+    ``warm_up``, ``suggest.warm_up()`` (what ``IMAGETAGS["WARM_UP"]`` runs at start-up) runs
+    first, and "first" is the first suggestion after it."""
     setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim)}, fresh_db=False)
     from imagetags.models import StockImage
     from imagetags.services import vectors
@@ -196,6 +199,13 @@ def suggest_latency(
     chosen = [int(pk) for pk in rng.choice(ids, min(queries, len(ids)), replace=False)]
     rows = dict(StockImage.objects.filter(pk__in=chosen).values_list("pk", "vector"))
     query_vectors = [vectors.from_bytes(rows[pk]) for pk in chosen]
+    warm_up_seconds = None
+    if warm_up:
+        from imagetags.services.suggest import warm_up as warm_up_serving
+
+        started = time.perf_counter()
+        warm_up_serving()
+        warm_up_seconds = time.perf_counter() - started
     started = time.perf_counter()
     options = {"method": method} if method else {}
     suggest(query_vectors[0], **options)  # loads the centres (and any index) into this process
@@ -223,10 +233,19 @@ def suggest_latency(
         "n": len(ids),
         "method": method or "default",
         "first_ms": first * 1000,
+        "warm_up_seconds": warm_up_seconds,
+        "index_mb": _index_mb(),
         "median_ms": float(np.median(times)) * 1000,
         "warm_median_ms": float(np.median(warm)) * 1000,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _index_mb() -> float:
+    """Memory held by this process's voting index (vectors, ids, owners), if it has one."""
+    from imagetags.services import index
+
+    return index._index.nbytes / 2**20 if index._index is not None else 0.0
 
 
 def main() -> None:
@@ -245,6 +264,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="suggest step: write cProfile stats here"
     )
+    parser.add_argument(
+        "--warm-up", action="store_true", help="suggest step: run suggest.warm_up() first"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "populate":
@@ -253,7 +275,13 @@ def main() -> None:
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
     else:
         result = suggest_latency(
-            args.workdir, args.name, args.dim, args.method, args.queries, args.profile
+            args.workdir,
+            args.name,
+            args.dim,
+            args.method,
+            args.queries,
+            args.profile,
+            args.warm_up,
         )
     print(json.dumps(result), flush=True)
 

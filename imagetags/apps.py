@@ -17,15 +17,26 @@ class ImageTagsConfig(AppConfig):
 
 
 def start_warm_up() -> threading.Thread | None:
-    """With ``IMAGETAGS["WARM_UP"]``, load the model in a daemon thread while the process starts,
-    so the first suggestion request does not wait for it. Off by default: management commands
-    that never embed (migrate, shell) should not pay for loading TensorFlow."""
+    """With ``IMAGETAGS["WARM_UP"]``, load the model, the active centres and the voting index in a
+    daemon thread while the process starts, so the first suggestion request does not wait for
+    them. Off by default: management commands that never embed (migrate, shell) should not pay
+    for loading TensorFlow."""
     from imagetags.conf import imagetags_settings
 
     if not imagetags_settings.WARM_UP:
         return None
-    from imagetags.services.extractors import warm_up
-
-    thread = threading.Thread(target=warm_up, name="imagetags-warm-up", daemon=True)
+    thread = threading.Thread(target=_warm_up_in_thread, name="imagetags-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def _warm_up_in_thread() -> None:
+    from django.db import connections
+
+    from imagetags.services.suggest import warm_up
+
+    try:
+        warm_up()
+    finally:
+        # The thread ends here; its database connection would otherwise stay open.
+        connections.close_all()

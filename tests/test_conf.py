@@ -109,7 +109,7 @@ def test_checks_report_bad_configuration(tmp_path):
         assert [e.id for e in check_task_queue()] == ["imagetags.E003"]
 
 
-def test_warm_up_loads_the_model_once_in_the_background(settings):
+def test_warm_up_loads_the_model_once_in_the_background(settings, db):
     from imagetags.apps import start_warm_up
     from imagetags.services.extractors.vgg16 import VGG16Extractor
 

@@ -172,3 +172,26 @@ def test_a_deleted_image_does_not_vote_even_as_the_nearest(soups_and_cakes):
     found = index.neighbours(query, ranking.VoteParams())
     assert nearest not in found.image_ids.tolist()
     assert len(found.tag_sets) == len(found.post_ids) == found.image_ids.shape[0]
+
+
+def test_warm_up_loads_the_whole_index_before_the_first_suggestion(
+    soups_and_cakes, django_assert_num_queries
+):
+    from imagetags.services import index
+    from imagetags.services.suggest import warm_up
+
+    warm_up()
+    warmed = index._index
+    assert warmed is not None and warmed.cluster_set_id == soups_and_cakes.pk
+    assert warmed.loaded_clusters == 2 and warmed._priors  # every cluster, and the tag shares
+    # The first suggestion then costs what later ones do: no loading queries.
+    with django_assert_num_queries(4):
+        suggest(unit(0, 0.05, seed=3))
+
+
+def test_warm_up_without_clusters_only_loads_the_model(db):
+    from imagetags.services import index
+    from imagetags.services.suggest import warm_up
+
+    warm_up()
+    assert index._index is None

@@ -57,8 +57,10 @@ _MEMBER_FIELDS = (
 )
 # New memberships also bring their key and what decides whether their vector is usable.
 _NEW_MEMBER_FIELDS = ("pk", *_MEMBER_FIELDS, "image__extractor_key", "image__feature_status")
-# Candidate images per tag query: far below every backend's limit on query parameters.
-_SQL_BATCH = 500  # ids per IN list: far below every backend's parameter limit
+# Clusters read by one query when many are loaded at once (a warm-up reads them all): bounds
+# the rows held as Python objects during a load. A query probes 6, read together.
+_CLUSTERS_PER_READ = 16
+_SQL_BATCH = 500  # ids per IN list: far below every backend's limit on query parameters
 
 
 def owner_key(owner_id: int | None, external_owner: str | None) -> str | None:
@@ -189,25 +191,33 @@ class VotingIndex:
 
     def _blocks_at(self, positions: Iterable[int]) -> list[_Block]:
         """The blocks of some clusters (positions in ``cluster_ids``), reading the ones not yet
-        loaded with one query."""
+        loaded: one query when a query misses a few, streamed in groups when many are loaded
+        at once (a warm-up of a million images must not hold every row as Python objects)."""
         positions = list(positions)
         with self._lock:
             wanted = range(len(self.cluster_ids)) if self.preload else positions
-            missing = {self.cluster_ids[p]: p for p in wanted if p not in self._blocks}
-            if missing:
-                rows: dict[int, list[tuple]] = {cluster_id: [] for cluster_id in missing}
-                # Unusable vectors are left out by the database, not in a Python loop.
-                for row in ClusterMembership.objects.filter(
-                    cluster_id__in=list(missing),
-                    pk__lte=self.watermark,
-                    image__vector__isnull=False,
-                    image__extractor_key=self.extractor_key,
-                    image__feature_status=FeatureStatus.READY,
-                ).values_list(*_MEMBER_FIELDS):
-                    rows[row[0]].append(row)
-                for cluster_id, position in missing.items():
-                    self._blocks[position] = self._make_block(rows[cluster_id])
+            missing = [p for p in wanted if p not in self._blocks]
+            for start in range(0, len(missing), _CLUSTERS_PER_READ):
+                self._load(missing[start : start + _CLUSTERS_PER_READ])
             return [self._blocks[p] for p in positions]
+
+    def _load(self, positions: list[int]) -> None:
+        rows: dict[int, list[tuple]] = {self.cluster_ids[p]: [] for p in positions}
+        # Unusable vectors are left out by the database, not in a Python loop.
+        for row in (
+            ClusterMembership.objects.filter(
+                cluster_id__in=list(rows),
+                pk__lte=self.watermark,
+                image__vector__isnull=False,
+                image__extractor_key=self.extractor_key,
+                image__feature_status=FeatureStatus.READY,
+            )
+            .values_list(*_MEMBER_FIELDS)
+            .iterator(chunk_size=2000)
+        ):
+            rows[row[0]].append(row)
+        for position in positions:
+            self._blocks[position] = self._make_block(rows.pop(self.cluster_ids[position]))
 
     def refresh(self) -> int:
         """Add the members assigned since the last look to the loaded clusters; returns how many
@@ -289,6 +299,12 @@ class VotingIndex:
             probes=len(blocks),
             searched=image_ids.shape[0],
         )
+
+    def load_all(self, vote_by: str) -> None:
+        """Load every cluster and the library-wide tag shares now (a warm-up), so that no
+        request pays for them: at 1,000,000 images they cost seconds (docs/performance.md)."""
+        self._blocks_at(range(len(self.cluster_ids)))
+        self.priors(vote_by)
 
     def priors(self, vote_by: str) -> dict[str, float]:
         """Library-wide share of voters carrying each counted tag, over the set's members

@@ -11,13 +11,14 @@ Two methods (``IMAGETAGS["SUGGEST_METHOD"]``, docs/quality.md has the measuremen
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connections, router
+from django.db import DatabaseError, connections, router
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
@@ -32,6 +33,8 @@ from imagetags.models import (
 from imagetags.services import ranking, vectors
 from imagetags.services.clustering import load_centers
 from imagetags.services.images import ImageSource
+
+logger = logging.getLogger(__name__)
 
 
 class SuggestionUnavailable(Exception):
@@ -143,6 +146,30 @@ def active_cluster_set() -> ClusterSet:
     cluster_set = ClusterSet.objects.get(pk=row[0])
     _serving = (tuple(row), cluster_set)
     return cluster_set
+
+
+def warm_up() -> None:
+    """Make the first suggestion as fast as later ones: load the model, and the active set's
+    centres and (for the ``ivf`` method) its whole voting index.
+
+    ``IMAGETAGS["WARM_UP"]`` runs this in a background thread when a process starts; a site may
+    also call it from a worker hook. Without clusters (a new site, a database not migrated yet)
+    only the model is loaded: the warm-up must never stop a process from starting.
+    """
+    from imagetags.services.extractors import warm_up as load_model
+    from imagetags.services.index import voting_index
+
+    load_model()
+    try:
+        cluster_set = active_cluster_set()
+        load_centers(cluster_set)
+        if suggest_method() == "ivf":
+            params = vote_params()
+            voting_index(cluster_set).load_all(params.vote_by)
+    except NoActiveClusters:
+        return
+    except DatabaseError:
+        logger.warning("Suggestions not warmed up: the database is not ready", exc_info=True)
 
 
 def suggest_method() -> str:
