@@ -152,7 +152,8 @@ def open_image(
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"The image data is truncated or corrupt ({exc}).") from None
-    rgb = to_rgb(ImageOps.exif_transpose(image) or image)
+    # In place: without an orientation tag, exif_transpose would otherwise copy the picture.
+    rgb = to_rgb(ImageOps.exif_transpose(image, in_place=True) or image)
     # Report the size as displayed: a portrait phone photo is stored landscape + EXIF rotation.
     # (A draft keeps the sides' order, so comparing orientations tells whether it was turned.)
     if (rgb.width > rgb.height) != (width > height):
