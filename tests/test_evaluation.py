@@ -252,6 +252,24 @@ def test_json_report_and_database_untouched(small_library: Path, make_post, medi
 
 @pytest.mark.slow
 @pytest.mark.django_db
+@pytest.mark.django_db
+def test_full_decode_vectors_never_share_the_cache(small_library: Path, tmp_path: Path) -> None:
+    def run(*extra: str) -> dict:
+        out = StringIO()
+        call_command(
+            "evaluate_suggestions",
+            *("--library", str(small_library), "--holdout", "0.3", "--clusters", "2"),
+            *("--cache", str(tmp_path / "cache"), "--json", *extra),
+            stdout=out,
+        )
+        return json.loads(out.getvalue())
+
+    run()
+    assert run()["vectors_from_cache"] == 12
+    assert run("--full-decode")["vectors_from_cache"] == 0  # decoded another way: recomputed
+    assert run("--full-decode")["vectors_from_cache"] == 12
+
+
 def test_separate_queries_manifest_and_text_table(small_library: Path, tmp_path: Path) -> None:
     queries = write_library(
         tmp_path / "queries", [(None, ["red"], (200, 60, 60)), (None, ["blue"], (60, 60, 200))]

@@ -37,7 +37,7 @@ from PIL import Image
 
 from imagetags.services import ranking
 from imagetags.services.extractors import FeatureExtractor
-from imagetags.services.images import InvalidImage, file_sha256
+from imagetags.services.images import InvalidImage, file_sha256, open_image
 from imagetags.services.library import (
     ManifestEntry,
     Rejection,
@@ -230,8 +230,10 @@ def embed_image_set(
     cache: VectorCache | None = None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    full_decode: bool = False,
 ) -> EmbedResult:
-    """Embed every image in batches; images found in ``cache`` are not even decoded."""
+    """Embed every image in batches; images found in ``cache`` are not even decoded.
+    ``full_decode``: see :func:`evaluate`."""
     found: dict[int, np.ndarray] = {}
     if cache is not None:
         for index, sha256 in enumerate(image_set.sha256):
@@ -247,7 +249,10 @@ def embed_image_set(
         for index in chunk:
             entry = image_set.entries[index]
             try:
-                image = extractor.open_image(entry.file)
+                if full_decode:
+                    image, _info = open_image(entry.file)
+                else:
+                    image = extractor.open_image(entry.file)
             except (InvalidImage, OSError) as exc:
                 rejected.append(Rejection(entry.line, entry.path, str(exc)))
                 continue
@@ -839,6 +844,7 @@ def run_evaluation(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    full_decode: bool = False,
 ) -> dict[str, Any]:
     """Build a throwaway library and score every method (``METHODS``) on the queries.
 
@@ -849,6 +855,8 @@ def run_evaluation(
     to ``IMAGETAGS['CLUSTERING']``; ``voting`` (the ``vote`` and ``ivf`` methods) to
     ``IMAGETAGS['VOTING']``. ``k_sweep`` also scores the K-dependent methods for each K listed.
     ``tune`` (with ``folds``) adds the nested cross-validation of the methods' parameters.
+    ``full_decode`` decodes JPEGs in full instead of at the model's scale (what every serving
+    path does, ``FeatureExtractor.open_image``): it measures what that decoding changes.
 
     Returns the report ``evaluate_suggestions --json`` prints. Raises :class:`EvaluationError`
     before any extraction when the request cannot give a result.
@@ -918,7 +926,9 @@ def run_evaluation(
     _check_sizes(check_library, check_queries, wanted_of(len(check_library)))
 
     extract_started = time.perf_counter()
-    cache = VectorCache(cache_dir, extractor.key) if cache_dir else None
+    # The decoding is part of what made a vector: the two kinds never share a cache file.
+    decoding = "full-decode" if full_decode else "model-scale-decode"
+    cache = VectorCache(cache_dir, f"{extractor.key}|{decoding}") if cache_dir else None
     if cache is not None:
         cache.load()
     cache_hits = 0
@@ -936,7 +946,12 @@ def run_evaluation(
                 progress(offset + done, sum(todo))
 
         result = embed_image_set(
-            image_set, extractor, cache=cache, batch_size=batch_size, progress=report_progress
+            image_set,
+            extractor,
+            cache=cache,
+            batch_size=batch_size,
+            progress=report_progress,
+            full_decode=full_decode,
         )
         embedded.append(result.images)
         rejected += _labelled(source, result.rejected)

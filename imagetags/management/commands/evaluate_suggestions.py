@@ -129,6 +129,12 @@ class Command(BaseCommand):
             "extraction.",
         )
         parser.add_argument(
+            "--full-decode",
+            action="store_true",
+            help="Decode JPEGs in full, not at the model's scale as the site does: measures "
+            "what that decoding changes (docs/quality.md).",
+        )
+        parser.add_argument(
             "--from-feedback",
             action="store_true",
             help="Report the acceptance of shown suggestions (SuggestionFeedback) overall, per "
@@ -191,6 +197,7 @@ class Command(BaseCommand):
                 voting=voting,
                 cache_dir=options["cache"],
                 progress=progress,
+                full_decode=options["full_decode"],
             )
         except (EvaluationError, ManifestError, ImproperlyConfigured) as exc:
             # ImproperlyConfigured: an extractor that only fails when its model is loaded.
