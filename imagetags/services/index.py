@@ -14,12 +14,15 @@ bfloat16, half the bytes (1 GB instead of 2 GB at 1,000,000 × 512-d), widened a
 at a time during the scan. Similarities move by at most ~3e-4; docs/performance.md §2 measures
 what that does to the neighbours and the suggested tags.
 
-Freshness: every query first asks the database for the set's newest membership key (one
-``MAX`` on an index, no rows); only when it is above what the index has seen are the new
-memberships read. Images that ``assign_to_active_set`` put into the active set between rebuilds
-therefore vote at once, as they count at once in the ``cluster`` method. Tags are never cached:
-one query per suggestion reads the counted tags of the candidate neighbours, and an image that
-query does not find (deleted since it was loaded) does not vote. A rebuild activates a new set,
+Freshness: every query first reads the set's assignment counter (``ClusterSet.n_images``, which
+``assign_to_active_set`` raises in the transaction that adds the members; one row by its key);
+only when it moved are the recent membership keys read, and the new members among them. Keys
+are not handed out in commit order on PostgreSQL, so keys somewhat below the newest one seen are
+looked at again (``_RECHECK_KEYS``): a batch that commits after a later one still joins. Images
+that ``assign_to_active_set`` put into the active set between rebuilds therefore vote at once,
+as they count at once in the ``cluster`` method. Tags are never cached: each suggestion reads
+which candidates still exist (a deleted image does not vote) and the counted tags of the
+voters' posts. A rebuild activates a new set,
 and the next query builds a new index for it.
 """
 
@@ -54,9 +57,15 @@ _MEMBER_FIELDS = (
     "image__post__owner_id",
     "image__post__external_owner",
     "image__vector",
+    "pk",
 )
-# New memberships also bring their key and what decides whether their vector is usable.
-_NEW_MEMBER_FIELDS = ("pk", *_MEMBER_FIELDS, "image__extractor_key", "image__feature_status")
+# New memberships also bring what decides whether their vector is usable.
+_NEW_MEMBER_FIELDS = (*_MEMBER_FIELDS, "image__extractor_key", "image__feature_status")
+# Membership keys this far below the newest one seen are looked at again when new members
+# arrive: keys are not handed out in commit order (a PostgreSQL transaction takes its sequence
+# values before it commits), so a batch can commit after a later one. A worker's batch is at
+# most BATCH_SIZE (32) images; this covers dozens of workers committing out of order.
+_RECHECK_KEYS = 4096
 # Clusters read by one query when many are loaded at once (a warm-up reads them all): bounds
 # the rows held as Python objects during a load. A query probes 6, read together.
 _CLUSTERS_PER_READ = 16
@@ -150,10 +159,28 @@ class VotingIndex:
             f"SELECT MAX({quote(meta.pk.column)}) FROM {quote(meta.db_table)} "
             f"WHERE {quote(meta.get_field('cluster_set').column)} = %s"
         )
-        # Members up to this primary key are in every loaded block; later ones come by refresh().
+        # assign_to_active_set raises ClusterSet.n_images in the transaction that adds the
+        # members: unlike the newest key, it moves when any batch commits, in any order.
+        set_meta = ClusterSet._meta
+        self._assigned_sql = (
+            f"SELECT {quote(set_meta.get_field('n_images').column)} "
+            f"FROM {quote(set_meta.db_table)} WHERE {quote(set_meta.pk.column)} = %s"
+        )
+        # Read before the newest key: a batch committed in between is looked at again by the
+        # next refresh() (and recognised), never missed.
+        self._assigned = self._assigned_count()
+        # Members up to this key are read by every block load; later ones come by refresh().
         self.watermark = self._newest_member()
+        # Keys above watermark - _RECHECK_KEYS already in a loaded block.
+        self._recent: set[int] = set()
 
     # --- members -----------------------------------------------------------------------------
+
+    def _assigned_count(self) -> int:
+        with connections[self._db].cursor() as cursor:
+            cursor.execute(self._assigned_sql, [self.cluster_set_id])
+            row = cursor.fetchone()
+        return (row[0] if row else None) or 0
 
     def _newest_member(self) -> int:
         with connections[self._db].cursor() as cursor:
@@ -163,7 +190,8 @@ class VotingIndex:
 
     def _usable(self, row: tuple) -> bool:
         # A vector recomputed since the rebuild (another extractor) no longer fits the centres.
-        return row[6] is not None and row[7] == self.extractor_key and row[8] == FeatureStatus.READY
+        # Rows laid out as _NEW_MEMBER_FIELDS: vector, key, extractor, status.
+        return row[5] is not None and row[7] == self.extractor_key and row[8] == FeatureStatus.READY
 
     def _owner_code(self, owner_id: int | None, external_owner: str | None) -> int:
         key = owner_key(owner_id, external_owner)
@@ -216,32 +244,50 @@ class VotingIndex:
             .iterator(chunk_size=2000)
         ):
             rows[row[0]].append(row)
+        floor = self.watermark - _RECHECK_KEYS
         for position in positions:
-            self._blocks[position] = self._make_block(rows.pop(self.cluster_ids[position]))
+            members = rows.pop(self.cluster_ids[position])
+            self._recent.update(row[6] for row in members if row[6] > floor)
+            self._blocks[position] = self._make_block(members)
 
     def refresh(self) -> int:
         """Add the members assigned since the last look to the loaded clusters; returns how many
         new memberships there were."""
         with self._lock:
-            if self._newest_member() <= self.watermark:
-                return 0  # the usual case: one indexed MAX, no rows, no ORM
-            rows = list(
+            assigned = self._assigned_count()
+            if assigned == self._assigned:
+                return 0  # the usual case: one row read by its key, no ORM
+            # Which recent keys are new: above the watermark, or below it but committed late
+            # (see _RECHECK_KEYS) into a cluster already loaded. A cluster loaded later reads
+            # its members itself.
+            keys = list(
                 ClusterMembership.objects.filter(
-                    cluster_set_id=self.cluster_set_id, pk__gt=self.watermark
-                )
+                    cluster_set_id=self.cluster_set_id, pk__gt=self.watermark - _RECHECK_KEYS
+                ).values_list("pk", "cluster_id")
+            )
+            new = [
+                pk
+                for pk, cluster_id in keys
+                if pk not in self._recent
+                and (pk > self.watermark or self._position.get(cluster_id) in self._blocks)
+            ]
+            rows = list(
+                ClusterMembership.objects.filter(pk__in=new)
                 .order_by("pk")
                 .values_list(*_NEW_MEMBER_FIELDS)
             )
-            if not rows:
-                return 0
             by_block: dict[int, list[tuple]] = {}
             for row in rows:
-                position = self._position.get(row[1])
+                position = self._position.get(row[0])
                 if position in self._blocks and self._usable(row):
-                    by_block.setdefault(position, []).append(row[1:7])
-            for position, new in by_block.items():
-                self._blocks[position] = self._blocks[position] + self._make_block(new)
-            self.watermark = rows[-1][0]
+                    by_block.setdefault(position, []).append(row)
+            for position, members in by_block.items():
+                self._blocks[position] = self._blocks[position] + self._make_block(members)
+            self._assigned = assigned
+            self.watermark = max([self.watermark, *(pk for pk, _cluster in keys)])
+            floor = self.watermark - _RECHECK_KEYS
+            self._recent = {pk for pk in self._recent if pk > floor}
+            self._recent.update(pk for pk in new if pk > floor)
             self._added += len(rows)
             if self._added - self._priors_added > max(10, 0.01 * self._size):
                 self._priors.clear()  # new posts have moved the library-wide shares
