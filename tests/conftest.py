@@ -33,6 +33,17 @@ SCREENSHOTS = Path(
     os.environ.get("IMAGETAGS_SCREENSHOTS") or Path(tempfile.gettempdir()) / "imagetags-screenshots"
 )
 
+# The marks of every test that drives the browser (a live server needs committed rows).
+BROWSER_TEST_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
+    ),
+    pytest.mark.django_db(transaction=True),
+]
+
 requires_tflite_model = pytest.mark.skipif(
     not TFLITE_MODEL.exists(), reason=f"needs the MobileNetV2 TFLite model at {TFLITE_MODEL}"
 )

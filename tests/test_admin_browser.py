@@ -30,6 +30,7 @@ from imagetags.services.library import import_manifest
 from imagetags.services.library_map import cluster_labels
 
 from .conftest import (
+    BROWSER_TEST_MARKS,
     CHROMIUM,
     CHROMIUM_ARGS,
     FEEDME_MANIFEST,
@@ -40,15 +41,7 @@ from .conftest import (
 SCREENSHOT_MAX_BYTES = 300_000
 LIBRARY_SIZE = 150
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
-    ),
-    pytest.mark.django_db(transaction=True),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 
 def _real_photos() -> bool:

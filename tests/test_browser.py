@@ -28,6 +28,7 @@ from imagetags.services.features import compute_features
 from imagetags.signal_handlers import feature_tasks_suspended
 
 from .conftest import (
+    BROWSER_TEST_MARKS,
     CHROMIUM,
     CHROMIUM_ARGS,
     FEEDME_MANIFEST,
@@ -44,15 +45,7 @@ MORE_TOPICS = (*TOPICS, "pasta", "cake", "salad", "coffee")
 PER_TOPIC = 6
 QUERY_PHOTO = "images/0000476.jpg"  # "Pepperoni Pizza on Plate", Pexels (CC0 when collected)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
-    ),
-    pytest.mark.django_db(transaction=True),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")
