@@ -116,6 +116,8 @@ class FeatureStatus(models.TextChoices):
     PENDING = "pending", _("pending")
     READY = "ready", _("ready")
     FAILED = "failed", _("failed")
+    # No longer written: staleness is derived from the key (migration 0005 turned old rows back
+    # into ready). Kept so the field's choices, and old fixtures, stay valid.
     STALE = "stale", _("stale (extractor changed)")
 
 
