@@ -81,7 +81,9 @@ class Command(BaseCommand):
         selected = features.select_images(mode, key)
         total = selected.count()
         # Stale is derived from the key: ready vectors that another extractor made.
-        stale = selected.filter(feature_status=FeatureStatus.READY).exclude(extractor_key=key).count()
+        stale = (
+            selected.filter(feature_status=FeatureStatus.READY).exclude(extractor_key=key).count()
+        )
         failed_before = selected.filter(feature_status=FeatureStatus.FAILED).count()
         if verbosity:
             self._describe_left_out(mode, key)
