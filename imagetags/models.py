@@ -426,6 +426,9 @@ class RebuildLock(models.Model):
     that was killed leaves its row behind, and the next one takes it over once the owner is
     known to be dead (see ``services/locks.py``). PostgreSQL uses an advisory lock instead, which
     the server itself releases when the owner's connection goes away.
+
+    On every database, a row named ``rebuild_queued`` is the one place of a rebuild queued by the
+    admin's button, so that repeated clicks queue one task (``locks.reserve_queued_rebuild``).
     """
 
     name = models.CharField(_("name"), max_length=64, primary_key=True)
