@@ -446,3 +446,27 @@ class RebuildLock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.owner}"
+
+
+class PendingUploadBatch(models.Model):
+    """One batch of files the upload form keeps between its two steps (``forms.PendingUpload``).
+
+    The files live in storage; this row says whose they are (for the per-user bound,
+    ``MAX_PENDING_UPLOADS_PER_USER``) and whether a post was made from them: ``claimed`` is set
+    in the post's own transaction by a conditional update, so a token makes at most one post
+    however often it is submitted at once. Rows go when their batch expires.
+    """
+
+    batch = models.CharField(_("batch"), max_length=32, unique=True)
+    # "u:<user pk>", "s:<hash of a random key in the session>", or "" (not bound to anyone).
+    owner = models.CharField(_("owner"), max_length=80, db_index=True, blank=True)
+    names = models.JSONField(_("stored names"), default=list)
+    created = models.DateTimeField(_("created"), default=timezone.now, db_index=True)
+    claimed = models.DateTimeField(_("claimed"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("pending upload")
+        verbose_name_plural = _("pending uploads")
+
+    def __str__(self) -> str:
+        return f"pending upload {self.batch} ({len(self.names)} files)"
