@@ -304,10 +304,31 @@ class ActiveClusterFilter(admin.SimpleListFilter):
         return queryset
 
 
+class UsableVectorFilter(admin.SimpleListFilter):
+    """Whether the vector is usable with the configured extractor. Staleness is derived (ready
+    under another key), never stored, so the status column alone does not say it."""
+
+    title = _("vector for the configured extractor")
+    parameter_name = "vector"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [("usable", _("usable")), ("stale", _("stale (another extractor)"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        from imagetags.services.extractors import get_extractor
+
+        key = get_extractor().key
+        if self.value() == "usable":
+            return queryset.filter(feature_status=FeatureStatus.READY, extractor_key=key)
+        if self.value() == "stale":
+            return queryset.filter(feature_status=FeatureStatus.READY).exclude(extractor_key=key)
+        return queryset
+
+
 @admin.register(StockImage)
 class StockImageAdmin(admin.ModelAdmin):
     list_display = ["preview", "__str__", "post_link", "feature_status", "extractor", "cluster"]
-    list_filter = ["feature_status", ActiveClusterFilter, "extractor_key"]
+    list_filter = ["feature_status", UsableVectorFilter, ActiveClusterFilter, "extractor_key"]
     list_select_related = ["post"]
     search_fields = ["image", "sha256", "post__title"]
     readonly_fields = [

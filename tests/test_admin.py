@@ -120,6 +120,19 @@ def test_stock_image_list_shows_thumbnail_and_cluster_of_the_active_set(admin_cl
     )
 
 
+def test_stock_image_list_filters_vectors_by_the_configured_extractor(
+    admin_client, library, add_post
+):
+    other = add_post(["elsewhere"], [0], key="some/other/extractor").images.get()
+    url = reverse("admin:imagetags_stockimage_changelist")
+
+    stale = admin_client.get(url, {"vector": "stale"}).context["cl"].result_list
+    usable = admin_client.get(url, {"vector": "usable"}).context["cl"].result_list
+
+    assert [obj.pk for obj in stale] == [other.pk]  # ready, but made by another extractor
+    assert len(usable) == StockImage.objects.count() - 1 and other not in usable
+
+
 def test_post_list_shows_tags_with_their_source_and_filters_by_source(admin_client, library):
     post = library["posts"]["ramen"][0]
     noodles = Tag.objects.create(name="noodles")
