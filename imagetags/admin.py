@@ -304,10 +304,31 @@ class ActiveClusterFilter(admin.SimpleListFilter):
         return queryset
 
 
+class UsableVectorFilter(admin.SimpleListFilter):
+    """Whether the vector is usable with the configured extractor. Staleness is derived (ready
+    under another key), never stored, so the status column alone does not say it."""
+
+    title = _("vector for the configured extractor")
+    parameter_name = "vector"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [("usable", _("usable")), ("stale", _("stale (another extractor)"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        from imagetags.services.extractors import get_extractor
+
+        key = get_extractor().key
+        if self.value() == "usable":
+            return queryset.filter(feature_status=FeatureStatus.READY, extractor_key=key)
+        if self.value() == "stale":
+            return queryset.filter(feature_status=FeatureStatus.READY).exclude(extractor_key=key)
+        return queryset
+
+
 @admin.register(StockImage)
 class StockImageAdmin(admin.ModelAdmin):
     list_display = ["preview", "__str__", "post_link", "feature_status", "extractor", "cluster"]
-    list_filter = ["feature_status", ActiveClusterFilter, "extractor_key"]
+    list_filter = ["feature_status", UsableVectorFilter, ActiveClusterFilter, "extractor_key"]
     list_select_related = ["post"]
     search_fields = ["image", "sha256", "post__title"]
     readonly_fields = [
@@ -430,6 +451,8 @@ def _rebuild_status(request: HttpRequest) -> dict[str, Any]:
     """What the ClusterSet change list says about rebuilds, and whether it should refresh."""
     from django_q.models import Task
 
+    from imagetags.services.locks import queued_rebuild
+
     now = timezone.now()
     building = []
     for cluster_set in ClusterSet.objects.filter(status=ClusterSetStatus.BUILDING):
@@ -442,6 +465,8 @@ def _rebuild_status(request: HttpRequest) -> dict[str, Any]:
         pending = not Task.objects.filter(id=queued["id"]).exists() and (
             now.timestamp() - queued["at"] < REBUILD_SILENT_AFTER.total_seconds()
         )
+    # Queued by anyone (the one place a queued rebuild holds): every admin's page refreshes.
+    pending = pending or queued_rebuild() is not None
     last_task = Task.objects.filter(group=REBUILD_GROUP).order_by("-stopped").first()
     return {
         "building": building,
@@ -550,26 +575,44 @@ class ClusterSetAdmin(admin.ModelAdmin):
         """Enqueue a rebuild with the site's default settings (POST only)."""
         from django_q.tasks import async_task
 
+        from imagetags.services.locks import (
+            RebuildInProgress,
+            release_queued_rebuild,
+            reserve_queued_rebuild,
+        )
+
         if not self.has_rebuild_permission(request):
             raise PermissionDenied
+        changelist = HttpResponseRedirect(reverse("admin:imagetags_clusterset_changelist"))
         try:
-            task_id = async_task(REBUILD_TASK, task_name="imagetags-rebuild", group=REBUILD_GROUP)
+            # One queued or running rebuild at most, whoever clicks and however often.
+            token = reserve_queued_rebuild()
+        except RebuildInProgress as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+            return changelist
+        try:
+            task_id = async_task(
+                REBUILD_TASK, queued_as=token, task_name="imagetags-rebuild", group=REBUILD_GROUP
+            )
         except ClusteringError as exc:
             # Only with django-q2's `sync` option (development, tests): the task ran here and
             # its refusal ("no vectors yet") comes back as an exception instead of a result.
             self.message_user(request, str(exc), messages.ERROR)
-            return HttpResponseRedirect(reverse("admin:imagetags_clusterset_changelist"))
+            return changelist
+        except BaseException:
+            release_queued_rebuild(token)  # nothing was queued (the broker is down, say)
+            raise
         request.session[_SESSION_REBUILD] = {"id": task_id, "at": timezone.now().timestamp()}
         self.message_user(
             request,
             _(
                 "Rebuild queued. A django-q2 worker (manage.py qcluster) runs it; this page "
-                "refreshes until it is done. One rebuild runs at a time: if another is running, "
-                "this one stops at once and says so below."
+                "refreshes until it is done. One rebuild is queued or runs at a time: further "
+                "clicks meanwhile queue nothing."
             ),
             messages.SUCCESS,
         )
-        return HttpResponseRedirect(reverse("admin:imagetags_clusterset_changelist"))
+        return changelist
 
     def library_map_view(self, request: HttpRequest) -> HttpResponse:
         """The 2-D map of the active set (or of ``?set=<id>``)."""

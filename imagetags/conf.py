@@ -88,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     # steps; files older than PENDING_UPLOAD_MAX_AGE seconds are deleted at the next upload.
     "PENDING_UPLOAD_TO": "imagetags/pending/",
     "PENDING_UPLOAD_MAX_AGE": 3600,
+    # Most kept files per user (or per anonymous session) at once; keeping more drops that
+    # user's oldest unsaved batches first (the newest batch is always kept).
+    "MAX_PENDING_UPLOADS_PER_USER": 30,
     # REST API (imagetags.api, needs the `api` extra). Dotted paths, imported when a request
     # comes in. Authentication None: the site's REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
     "API_AUTHENTICATION_CLASSES": None,

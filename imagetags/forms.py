@@ -16,10 +16,18 @@ until finished, and an abandoned draft would have to be found and deleted. Kept 
 invisible to everything else, are deleted when the post is saved, and expired ones (older than
 ``PENDING_UPLOAD_MAX_AGE``) are swept at the next upload. The same mechanism keeps the images
 when a submission with valid images fails on another field, so nobody has to choose them again.
+
+Each batch also has a :class:`~imagetags.models.PendingUploadBatch` row: the post's transaction
+claims it with a conditional update, so a token makes at most one post however often it is sent
+at once; it names its owner (the user, or for anonymous visitors a random key kept in their
+session), so a token works only where it was made; and it lets the owner's kept files be bounded
+(``MAX_PENDING_UPLOADS_PER_USER``, oldest batches dropped first).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -33,12 +41,20 @@ from django import forms
 from django.core import signing
 from django.core.files import File
 from django.core.files.storage import Storage
+from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from PIL import Image, UnidentifiedImageError
 
 from imagetags.conf import imagetags_settings
-from imagetags.models import ClusterSet, FeedbackChannel, Post, StockImage, normalize_tag_name
+from imagetags.models import (
+    ClusterSet,
+    FeedbackChannel,
+    PendingUploadBatch,
+    Post,
+    StockImage,
+    normalize_tag_name,
+)
 from imagetags.services.images import InvalidImage
 from imagetags.services.posts import (
     ShownSuggestion,
@@ -341,14 +357,22 @@ class PendingUpload:
 
     token: str
     files: tuple[tuple[str, str], ...]
+    #: The batch's id: its :class:`~imagetags.models.PendingUploadBatch` row.
+    batch: str = ""
 
     @classmethod
-    def store(cls, uploads: Sequence[Any], user: Any = None) -> PendingUpload:
-        """Keep already validated uploads; all or nothing."""
+    def store(cls, uploads: Sequence[Any], user: Any = None, session: Any = None) -> PendingUpload:
+        """Keep already validated uploads; all or nothing.
+
+        The token is bound to ``user``, or for an anonymous visitor to ``session`` (a random key
+        kept in it); then the owner's oldest batches beyond ``MAX_PENDING_UPLOADS_PER_USER``
+        files are dropped.
+        """
         purge_expired_pending_uploads()
         storage = _pending_storage()
         folder = imagetags_settings.PENDING_UPLOAD_TO
         batch = secrets.token_hex(16)
+        owner = _owner_key(user, session, create=True)
         kept: list[tuple[str, str]] = []
         with discard_files_on_error(storage) as stored:
             for index, upload in enumerate(uploads):
@@ -356,11 +380,17 @@ class PendingUpload:
                 stored.append(name)
                 original = (getattr(upload, "name", "") or name).replace("\\", "/").rsplit("/")[-1]
                 kept.append((name, original))
-        payload = {"u": _user_key(user), "f": kept}
-        return cls(signing.dumps(payload, salt=_PENDING_SALT, compress=True), tuple(kept))
+            PendingUploadBatch.objects.create(
+                batch=batch, owner=owner, names=[name for name, _original in kept]
+            )
+        if owner:
+            _drop_beyond_bound(owner)
+        payload = {"u": owner or None, "b": batch, "f": kept}
+        token = signing.dumps(payload, salt=_PENDING_SALT, compress=True)
+        return cls(token, tuple(kept), batch)
 
     @classmethod
-    def load(cls, token: str, user: Any = None) -> PendingUpload:
+    def load(cls, token: str, user: Any = None, session: Any = None) -> PendingUpload:
         """The kept upload a token names; :class:`PendingUploadError` if it cannot be used."""
         max_age = imagetags_settings.PENDING_UPLOAD_MAX_AGE
         try:
@@ -375,19 +405,40 @@ class PendingUpload:
             ) from None
         folder = imagetags_settings.PENDING_UPLOAD_TO
         files = tuple((str(stored), str(original)) for stored, original in payload.get("f", []))
-        if payload.get("u") != _user_key(user) or not all(
-            stored.startswith(folder) for stored, _original in files
+        batch = str(payload.get("b") or "")
+        owner = _owner_key(user, session)
+        if (
+            not batch  # a token of an older version, before batches were recorded
+            or not hmac.compare_digest(str(payload.get("u") or ""), owner)
+            or not all(stored.startswith(folder) for stored, _original in files)
         ):
             raise PendingUploadError(_("The kept images could not be found; choose them again."))
         storage = _pending_storage()
-        if not files or not all(storage.exists(stored) for stored, _original in files):
-            raise PendingUploadError(
-                _(
-                    "Your images from the previous step are gone (already saved or expired); "
-                    "choose them again."
-                )
-            )
-        return cls(token, files)
+        record = PendingUploadBatch.objects.filter(batch=batch).first()
+        if (
+            record is None
+            or not files
+            or not all(storage.exists(stored) for stored, _original in files)
+        ):
+            raise PendingUploadError(_GONE)
+        if record.claimed is not None:
+            raise PendingUploadError(_ALREADY_SAVED)
+        return cls(token, files, batch)
+
+    def claim(self) -> None:
+        """Take these files for one post: call inside the post's transaction, before it writes.
+
+        A conditional update (``claimed`` still empty) lets exactly one of any number of
+        simultaneous submissions through: the others wait for its transaction and then find
+        the batch claimed (:class:`PendingUploadError`, "already saved"). If the post's
+        transaction rolls back, so does the claim, and the token can be used again.
+        """
+        taken = PendingUploadBatch.objects.filter(batch=self.batch, claimed__isnull=True).update(
+            claimed=timezone.now()
+        )
+        if not taken:
+            gone = not PendingUploadBatch.objects.filter(batch=self.batch).exists()
+            raise PendingUploadError(_GONE if gone else _ALREADY_SAVED)
 
     def open(self) -> list[File]:
         """The kept files, opened, under the names the person's files had."""
@@ -407,16 +458,69 @@ class PendingUpload:
         return out
 
     def discard(self) -> None:
-        storage = _pending_storage()
-        for stored, _original in self.files:
-            try:
-                storage.delete(stored)
-            except OSError:  # the post is saved; a leftover file is swept once it expires
-                logger.warning("Could not delete kept upload %s", stored, exc_info=True)
+        """Delete the kept files; the batch's row goes too unless a post claimed it (the row
+        then says "already saved" to a late resubmission until the batch expires)."""
+        PendingUploadBatch.objects.filter(batch=self.batch, claimed__isnull=True).delete()
+        _delete_files(name for name, _original in self.files)
 
 
-def _user_key(user: Any) -> int | str | None:
-    return user.pk if getattr(user, "is_authenticated", False) else None
+_GONE = _(
+    "Your images from the previous step are gone (already saved or expired); choose them again."
+)
+_ALREADY_SAVED = _(
+    "These images were already saved as a post (the form was sent more than once); "
+    "no second post was made."
+)
+# The random key that binds an anonymous visitor's kept uploads to their session.
+_SESSION_OWNER = "imagetags_pending_owner"
+
+
+def _owner_key(user: Any, session: Any = None, *, create: bool = False) -> str:
+    """Whose kept uploads these are: "u:<pk>" for a user; for an anonymous visitor
+    "s:<hash of a random key in their session>" (made when ``create``); "" without a session
+    (a form built without one: bound to nobody, as before sessions were used)."""
+    if getattr(user, "is_authenticated", False):
+        return f"u:{user.pk}"
+    if session is None:
+        return ""
+    secret = session.get(_SESSION_OWNER)
+    if not secret:
+        if not create:
+            return "s:none"  # no key yet: matches no token
+        secret = session[_SESSION_OWNER] = secrets.token_urlsafe(24)
+    return "s:" + hashlib.sha256(str(secret).encode()).hexdigest()[:32]
+
+
+def _delete_files(names: Iterable[str]) -> None:
+    storage = _pending_storage()
+    for name in names:
+        try:
+            storage.delete(name)
+        except OSError:  # a leftover file is swept once it expires
+            logger.warning("Could not delete kept upload %s", name, exc_info=True)
+
+
+def _drop_beyond_bound(owner: str) -> None:
+    """Drop ``owner``'s oldest unsaved batches beyond ``MAX_PENDING_UPLOADS_PER_USER`` files.
+
+    Dropping the oldest rather than refusing the newest: a person who abandoned a few second
+    steps (the back button, another tab) can still upload, and storage stays bounded either
+    way. The newest batch is always kept. Runs after the new batch is committed, so that
+    simultaneous uploads of one owner all see each other; each drop is a conditional delete,
+    so a batch being saved as a post right now (claimed) is never dropped.
+    """
+    bound = int(imagetags_settings.MAX_PENDING_UPLOADS_PER_USER)
+    batches = PendingUploadBatch.objects.filter(owner=owner, claimed__isnull=True).order_by(
+        "-created", "-pk"
+    )
+    kept = 0
+    for index, record in enumerate(batches.values_list("pk", "names")):
+        pk, names = record
+        kept += len(names)
+        if index == 0 or kept <= bound:
+            continue
+        if PendingUploadBatch.objects.filter(pk=pk, claimed__isnull=True).delete()[0]:
+            _delete_files(names)
 
 
 def purge_expired_pending_uploads() -> int:
@@ -424,6 +528,8 @@ def purge_expired_pending_uploads() -> int:
     storage = _pending_storage()
     folder = imagetags_settings.PENDING_UPLOAD_TO
     cutoff = timezone.now() - timedelta(seconds=imagetags_settings.PENDING_UPLOAD_MAX_AGE)
+    # Their tokens have expired too, so nothing can ask about these batches any more.
+    PendingUploadBatch.objects.filter(created__lt=cutoff).delete()
     try:
         _dirs, names = storage.listdir(folder)
     except (FileNotFoundError, NotImplementedError):
@@ -452,9 +558,12 @@ class PostUploadForm(forms.Form):
     tags = SuggestedTagsField(label=_("Tags"), required=False)
     pending = forms.CharField(widget=forms.HiddenInput, required=False)
 
-    def __init__(self, *args: Any, user: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, user: Any = None, session: Any = None, **kwargs: Any) -> None:
+        # ``session`` (the request's) binds an anonymous visitor's kept images to them; a form
+        # built without it keeps them bound to nobody, as before.
         super().__init__(*args, **kwargs)
         self.user = user
+        self.session = session
         self.pending_upload: PendingUpload | None = None
         self.suggestion_notice = ""
         self._pending_error = ""
@@ -465,7 +574,7 @@ class PostUploadForm(forms.Form):
         if self.is_bound and self.data.get(self.add_prefix("pending")):
             try:
                 self.pending_upload = PendingUpload.load(
-                    self.data[self.add_prefix("pending")], user
+                    self.data[self.add_prefix("pending")], user, session
                 )
             except PendingUploadError as exc:
                 self._pending_error = str(exc)
@@ -495,7 +604,7 @@ class PostUploadForm(forms.Form):
 
     def _keep(self, uploads: Sequence[Any]) -> PendingUpload:
         previous = self.pending_upload
-        self.pending_upload = PendingUpload.store(uploads, self.user)
+        self.pending_upload = PendingUpload.store(uploads, self.user, self.session)
         if previous is not None:  # the person chose new images to replace the kept ones
             previous.discard()
         return self.pending_upload
@@ -538,6 +647,7 @@ class PostUploadForm(forms.Form):
                 "tags": selection,
             },
             user=self.user,
+            session=self.session,
             prefix=self.prefix,
         )
         form.pending_upload = pending
@@ -546,36 +656,52 @@ class PostUploadForm(forms.Form):
         return form
 
     def save(self) -> Post:
-        """Create the post (all or nothing) and drop the kept files it was made from."""
+        """Create the post (all or nothing) and drop the kept files it was made from.
+
+        Raises :class:`PendingUploadError` when the kept files were claimed by another
+        submission of the same token (a double click): a token makes at most one post.
+        """
         tags: TagSelection = self.cleaned_data["tags"]
         cluster_set = (
             ClusterSet.objects.filter(pk=tags.cluster_set_id).first()
             if tags.cluster_set_id
             else None
         )
-        files = self._files_to_save()
-        try:
-            post = create_post(
-                files=files,
-                title=self.cleaned_data.get("title", ""),
-                typed_tags=tags,
-                accepted_tags=tags.accepted,
-                shown=tags.shown,
-                owner=self.user,
-                channel=tags.channel,
-                cluster_set=cluster_set,
-                method=tags.method if tags.shown else "",
-            )
-        finally:
-            for item in files:
-                item.close()
+        uses_kept = not self.cleaned_data.get("images") and self.pending_upload is not None
+        with transaction.atomic():
+            if uses_kept:
+                # The transaction's first write, so that on SQLite a second submission waits
+                # for this one's commit instead of deadlocking with it, and then is refused.
+                self.pending_upload.claim()
+            files = self._files_to_save()
+            try:
+                post = create_post(
+                    files=files,
+                    title=self.cleaned_data.get("title", ""),
+                    typed_tags=tags,
+                    accepted_tags=tags.accepted,
+                    shown=tags.shown,
+                    owner=self.user,
+                    channel=tags.channel,
+                    cluster_set=cluster_set,
+                    method=tags.method if tags.shown else "",
+                )
+            finally:
+                for item in files:
+                    item.close()
         if self.pending_upload is not None:  # used, or replaced by newly chosen images
             self.pending_upload.discard()
         return post
 
     def _files_to_save(self) -> list[Any]:
         """The newly chosen files, else the kept ones (opened here; the caller closes them)."""
-        return list(self.cleaned_data.get("images") or []) or self.pending_upload.open()
+        chosen = list(self.cleaned_data.get("images") or [])
+        if chosen:
+            return chosen
+        try:
+            return self.pending_upload.open()
+        except FileNotFoundError:  # swept as expired, or saved, since the token was checked
+            raise PendingUploadError(_GONE) from None
 
     def kept_images(self) -> list[dict[str, str]]:
         return self.pending_upload.previews() if self.pending_upload else []

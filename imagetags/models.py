@@ -116,6 +116,8 @@ class FeatureStatus(models.TextChoices):
     PENDING = "pending", _("pending")
     READY = "ready", _("ready")
     FAILED = "failed", _("failed")
+    # No longer written: staleness is derived from the key (migration 0005 turned old rows back
+    # into ready). Kept so the field's choices, and old fixtures, stay valid.
     STALE = "stale", _("stale (extractor changed)")
 
 
@@ -424,6 +426,9 @@ class RebuildLock(models.Model):
     that was killed leaves its row behind, and the next one takes it over once the owner is
     known to be dead (see ``services/locks.py``). PostgreSQL uses an advisory lock instead, which
     the server itself releases when the owner's connection goes away.
+
+    On every database, a row named ``rebuild_queued`` is the one place of a rebuild queued by the
+    admin's button, so that repeated clicks queue one task (``locks.reserve_queued_rebuild``).
     """
 
     name = models.CharField(_("name"), max_length=64, primary_key=True)
@@ -441,3 +446,27 @@ class RebuildLock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.owner}"
+
+
+class PendingUploadBatch(models.Model):
+    """One batch of files the upload form keeps between its two steps (``forms.PendingUpload``).
+
+    The files live in storage; this row says whose they are (for the per-user bound,
+    ``MAX_PENDING_UPLOADS_PER_USER``) and whether a post was made from them: ``claimed`` is set
+    in the post's own transaction by a conditional update, so a token makes at most one post
+    however often it is submitted at once. Rows go when their batch expires.
+    """
+
+    batch = models.CharField(_("batch"), max_length=32, unique=True)
+    # "u:<user pk>", "s:<hash of a random key in the session>", or "" (not bound to anyone).
+    owner = models.CharField(_("owner"), max_length=80, db_index=True, blank=True)
+    names = models.JSONField(_("stored names"), default=list)
+    created = models.DateTimeField(_("created"), default=timezone.now, db_index=True)
+    claimed = models.DateTimeField(_("claimed"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("pending upload")
+        verbose_name_plural = _("pending uploads")
+
+    def __str__(self) -> str:
+        return f"pending upload {self.batch} ({len(self.names)} files)"

@@ -13,9 +13,18 @@ def extract_features(image_id: int) -> dict[str, Any]:
     return summary.as_dict()
 
 
-def rebuild_clusters(**options: Any) -> dict[str, Any]:
-    """Rebuild the clustering in a worker (the admin's "rebuild" button enqueues this)."""
-    from imagetags.services.clustering import rebuild_clusters as rebuild
+def rebuild_clusters(queued_as: str = "", **options: Any) -> dict[str, Any]:
+    """Rebuild the clustering in a worker (the admin's "rebuild" button enqueues this).
 
-    cluster_set = rebuild(**options)
+    ``queued_as`` is the token of the one queued place the button took
+    (``locks.reserve_queued_rebuild``): given back when the rebuild ends, however it ends.
+    """
+    from imagetags.services.clustering import rebuild_clusters as rebuild
+    from imagetags.services.locks import release_queued_rebuild
+
+    try:
+        cluster_set = rebuild(**options)
+    finally:
+        if queued_as:
+            release_queued_rebuild(queued_as)
     return {"cluster_set": cluster_set.pk, "k": cluster_set.k, "status": cluster_set.status}

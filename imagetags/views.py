@@ -21,6 +21,7 @@ from django.views.decorators.http import require_POST
 
 from imagetags.conf import imagetags_settings
 from imagetags.forms import (
+    PendingUploadError,
     PostUploadForm,
     human_size,
     suggestion_method,
@@ -116,17 +117,27 @@ class PostUploadView(View):
             return redirect_to_login(request.get_full_path())
         return super().dispatch(request, *args, **kwargs)
 
+    def get_form_kwargs(self) -> dict[str, Any]:
+        """What the form is built with: the user, and the session that binds an anonymous
+        visitor's kept images to them."""
+        return {"user": self.request.user, "session": getattr(self.request, "session", None)}
+
     def get(self, request: HttpRequest) -> HttpResponse:
-        return self.render(self.form_class(user=request.user))
+        return self.render(self.form_class(**self.get_form_kwargs()))
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        form = self.form_class(request.POST, request.FILES, user=request.user)
+        form = self.form_class(request.POST, request.FILES, **self.get_form_kwargs())
         if not form.is_valid():
             form.keep_valid_images()
             return self.render(form, status=400)
         if form.wants_suggestions:
             return self.render(form.suggestion_step())
-        post = form.save()
+        try:
+            post = form.save()
+        except PendingUploadError as exc:  # the same token was saved by another submission
+            form.add_error("images", str(exc))
+            form.pending_upload = None  # back to the first step: the kept images are gone
+            return self.render(form, status=400)
         count = post.post_tags.count()
         messages.success(
             request,

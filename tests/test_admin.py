@@ -25,6 +25,7 @@ from imagetags.models import (
     ClusterSetStatus,
     FeatureStatus,
     PostTag,
+    RebuildLock,
     StockImage,
     SuggestionFeedback,
     Tag,
@@ -117,6 +118,19 @@ def test_stock_image_list_shows_thumbnail_and_cluster_of_the_active_set(admin_cl
     assert {obj.pk for obj in filtered.context["cl"].result_list} == set(
         StockImage.objects.filter(post__in=library["posts"]["ramen"]).values_list("pk", flat=True)
     )
+
+
+def test_stock_image_list_filters_vectors_by_the_configured_extractor(
+    admin_client, library, add_post
+):
+    other = add_post(["elsewhere"], [0], key="some/other/extractor").images.get()
+    url = reverse("admin:imagetags_stockimage_changelist")
+
+    stale = admin_client.get(url, {"vector": "stale"}).context["cl"].result_list
+    usable = admin_client.get(url, {"vector": "usable"}).context["cl"].result_list
+
+    assert [obj.pk for obj in stale] == [other.pk]  # ready, but made by another extractor
+    assert len(usable) == StockImage.objects.count() - 1 and other not in usable
 
 
 def test_post_list_shows_tags_with_their_source_and_filters_by_source(admin_client, library):
@@ -440,6 +454,113 @@ def test_failed_rebuild_task_is_reported(admin_client, db):
     html = admin_client.get(reverse("admin:imagetags_clusterset_changelist")).content.decode()
     panel = html[html.index('id="imagetags-rebuild-status"') :]
     assert re.search(r"failed 0.minutes ago:\s+Only 3 images have vectors", panel)
+
+
+@pytest.fixture
+def real_queue(monkeypatch):
+    """django-q2 queues for real (ORM broker) instead of running tasks inline."""
+    from django_q.conf import Conf
+
+    monkeypatch.setattr(
+        Conf, "SYNC", False
+    )  # read from Q_CLUSTER at import: patched, see tests/settings.py
+
+
+def _messages(response) -> list[str]:
+    return [str(message) for message in response.context["messages"]]
+
+
+def test_repeated_rebuild_clicks_queue_one_task(admin_client, library, real_queue):
+    from django_q.models import OrmQ
+
+    url = reverse("admin:imagetags_clusterset_rebuild")
+    first = admin_client.post(url, follow=True)
+    second = admin_client.post(url, follow=True)
+    other_admin = Client()
+    other_admin.force_login(User.objects.get(username="admin"))
+    third = other_admin.post(url, follow=True)
+
+    assert OrmQ.objects.count() == 1
+    assert OrmQ.objects.get().task["func"] == "imagetags.tasks.rebuild_clusters"
+    assert any(m.startswith("Rebuild queued.") for m in _messages(first))
+    for response in (second, third):
+        assert any(
+            m.startswith("A rebuild is already queued (since ") and "no second one was queued" in m
+            for m in _messages(response)
+        ), _messages(response)
+    # Every admin's list refreshes while it waits in the queue, not only the clicker's.
+    assert third.context["refresh_seconds"] is not None
+
+
+def test_rebuild_click_while_a_set_is_building_queues_nothing(admin_client, library, real_queue):
+    from django_q.models import OrmQ
+
+    building = ClusterSet.objects.create(
+        status=ClusterSetStatus.BUILDING, extractor_key="k", algorithm="kmeans", k=3, dim=8
+    )
+    building.report_progress(0.4, "Clustering.")
+
+    response = admin_client.post(reverse("admin:imagetags_clusterset_rebuild"), follow=True)
+
+    assert OrmQ.objects.count() == 0
+    assert any(
+        m.startswith(f"A rebuild is already running (cluster set {building.pk}, started ")
+        and "40%: Clustering." in m
+        for m in _messages(response)
+    ), _messages(response)
+
+
+def test_queued_place_is_given_back_when_the_rebuild_ends(admin_client, library):
+    # Inline (sync) here: the task ran and ended within the click, so the next click queues.
+    from django_q.models import Task
+
+    url = reverse("admin:imagetags_clusterset_rebuild")
+    admin_client.post(url)
+    admin_client.post(url)
+    assert Task.objects.filter(group="imagetags-rebuild", success=True).count() == 2
+    assert not RebuildLock.objects.exists()
+
+
+def test_a_queued_rebuild_that_never_ran_expires(admin_client, library, real_queue):
+    from django_q.models import OrmQ
+
+    from imagetags.services.locks import QUEUED_EXPIRES_AFTER, QUEUED_NAME
+
+    RebuildLock.objects.create(
+        name=QUEUED_NAME, owner="lost", acquired=timezone.now() - QUEUED_EXPIRES_AFTER * 2
+    )
+    admin_client.post(reverse("admin:imagetags_clusterset_rebuild"))
+    assert OrmQ.objects.count() == 1
+    assert RebuildLock.objects.get(name=QUEUED_NAME).owner != "lost"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_simultaneous_reservations_take_one_place():
+    import threading
+
+    from django.db import connections
+
+    from imagetags.services.locks import RebuildInProgress, reserve_queued_rebuild
+
+    barrier = threading.Barrier(3)
+    outcomes: list[str] = []
+
+    def click() -> None:
+        try:
+            barrier.wait()
+            outcomes.append(reserve_queued_rebuild())
+        except RebuildInProgress as exc:
+            outcomes.append(f"refused: {exc}")
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=click) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    refused = [o for o in outcomes if o.startswith("refused: A rebuild is already queued")]
+    assert len(outcomes) == 3 and len(refused) == 2, outcomes
 
 
 def test_building_set_shows_progress_and_refreshes_until_silent(admin_client, library):

@@ -10,6 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
+from django.test import override_settings
 
 from imagetags.models import (
     Cluster,
@@ -18,6 +19,7 @@ from imagetags.models import (
     ClusterSetStatus,
     FeatureStatus,
     PostTag,
+    RebuildLock,
     StockImage,
     Tag,
     TagFrequency,
@@ -26,8 +28,10 @@ from imagetags.services import ranking
 from imagetags.services.clustering import (
     ClusteringError,
     assign_to_active_set,
+    current_extractor_key,
     rebuild_clusters,
 )
+from imagetags.services.features import ready_images
 
 
 def frequencies(cluster: Cluster) -> dict[str, int]:
@@ -101,8 +105,11 @@ def test_rebuild_leaves_out_auto_tags_and_other_extractors(add_post):
     cluster = cluster_set.clusters.get()
     assert frequencies(cluster) == {"kept": 2}
     assert cluster.post_count == 3
-    # The other extractor's image was marked stale, so it is recomputed rather than compared.
-    assert StockImage.objects.filter(feature_status=FeatureStatus.STALE).count() == 1
+    # Nothing is written to the other extractor's image: it is stale only for this key, and
+    # usable again as it is if that extractor is configured once more.
+    other = StockImage.objects.get(extractor_key="some/other/extractor")
+    assert other.feature_status == FeatureStatus.READY
+    assert other.vector is not None
 
 
 def test_new_set_retires_the_old_one_and_only_one_is_active(add_post):
@@ -254,3 +261,76 @@ def test_rebuild_clusters_command_refuses_clearly(db):
         call_command("rebuild_clusters", "--k", "2")
     with pytest.raises(CommandError):
         call_command("rebuild_clusters", "--k", "many")
+
+
+# --- another extractor configured: staleness derived from the key ------------------------------
+
+
+@pytest.fixture
+def another_extractor(settings) -> dict:
+    """IMAGETAGS naming an extractor with another key (computing a key loads no model)."""
+    other = {"CLASS": "vgg16", "OPTIONS": {"weights": None, "pooling": "max", "input_size": 32}}
+    if settings.IMAGETAGS["EXTRACTOR"] == other:
+        other = {**other, "OPTIONS": {**other["OPTIONS"], "pooling": "avg"}}
+    return {**settings.IMAGETAGS, "EXTRACTOR": other}
+
+
+def _library_state() -> dict:
+    """Everything a rebuild could write, to compare before and after."""
+    return {
+        "images": sorted(
+            StockImage.objects.values_list(
+                "pk", "feature_status", "extractor_key", "vector", "feature_attempts"
+            )
+        ),
+        "sets": sorted(ClusterSet.objects.values_list("pk", "status", "activated")),
+        "clusters": Cluster.objects.count(),
+        "members": ClusterMembership.objects.count(),
+        "frequencies": TagFrequency.objects.count(),
+        "locks": RebuildLock.objects.count(),
+    }
+
+
+def test_rebuild_with_another_extractor_configured_refuses_and_changes_nothing(
+    add_post, another_extractor
+):
+    for axis in (0, 0, 1, 1):
+        add_post(["t"], [axis])
+    active = rebuild_clusters(k=2)
+    old_key = current_extractor_key()
+    before = _library_state()
+
+    with override_settings(IMAGETAGS=another_extractor):
+        new_key = current_extractor_key()
+        assert new_key != old_key
+        expected = (
+            f"4 of 4 ready vectors were made by extractor {old_key}, not the configured "
+            f"{new_key}: run `manage.py compute_features --stale` first, or set "
+            "IMAGETAGS['EXTRACTOR'] back."
+        )
+        with pytest.raises(ClusteringError) as info:
+            rebuild_clusters(k=2)
+        assert expected in str(info.value)
+        with pytest.raises(CommandError) as info:
+            call_command("rebuild_clusters", "--k", "2")
+        assert expected in str(info.value)
+        assert _library_state() == before
+        assert ClusterSet.objects.active() == active
+        assert not ready_images(new_key).exists()  # nothing is usable under the new key ...
+
+    # ... and switching back makes every vector usable at once, with no recompute.
+    assert ready_images(old_key).count() == 4
+    assert _library_state() == before
+    assert rebuild_clusters(k=2).n_images == 4
+
+
+def test_a_minority_of_other_key_vectors_is_left_out_a_majority_refused(add_post):
+    add_post(["kept"], [0, 0, 1])
+    add_post(["elsewhere"], [1, 1], key="some/other/extractor")
+
+    assert rebuild_clusters(k=1).n_images == 3  # 2 of 5 have another key: left out
+    add_post(["elsewhere"], [1, 1], key="some/other/extractor")
+    with pytest.raises(
+        ClusteringError, match="^4 of 7 ready vectors were made by extractor some/other/extractor"
+    ):
+        rebuild_clusters(k=1)

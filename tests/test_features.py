@@ -26,7 +26,6 @@ from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
 from imagetags.services.features import (
     compute_features,
-    mark_stale,
     read_vectors,
     ready_images,
     select_images,
@@ -385,40 +384,47 @@ def test_force_recomputes_the_same_vector(make_post):
 # --- extractor changes -------------------------------------------------------------------------
 
 
-def test_extractor_change_marks_stale_and_stale_run_recomputes(
-    make_post, extractor, other_extractor_settings
+def test_extractor_change_writes_nothing_and_stale_run_recomputes_other_key_vectors(
+    make_post, add_post, extractor, other_extractor_settings
 ):
     post = make_post(images=2, pattern="noise")
     ids = sorted(post.images.values_list("pk", flat=True))
     compute_features(ids)
     old_key = extractor.key
     old_vectors = read_vectors(ids, old_key)[1]
+    pending = make_post(pattern="noise").images.get().pk  # never computed: not stale work
+    before = sorted(StockImage.objects.values_list("pk", "feature_status", "extractor_key"))
 
     with override_settings(IMAGETAGS=other_extractor_settings):
         new = get_extractor()
         assert new.key != old_key
-        # Before marking, ready rows of the old key already count as stale work ...
-        assert sorted(select_images("stale", new.key).values_list("pk", flat=True)) == ids
-        assert mark_stale(new.key) == 2
-        assert mark_stale(new.key) == 0
-        stale = StockImage.objects.get(pk=ids[0])
-        assert stale.feature_status == FeatureStatus.STALE
-        assert stale.extractor_key == old_key
-        assert stale.vector is not None  # kept until recomputed
-        # ... and no reader hands out a vector of either key meanwhile.
+        third = add_post([], [0], key="third/extractor").images.get().pk
+        # Stale is derived: exactly the ready vectors whose key is not the configured one.
+        assert sorted(select_images("stale", new.key).values_list("pk", flat=True)) == sorted(
+            [*ids, third]
+        )
+        assert pending not in select_images("stale", new.key).values_list("pk", flat=True)
+        # No reader hands out a vector of the old key under the new one ...
         assert not ready_images(new.key).exists()
-        assert not ready_images(old_key).exists()
         assert read_vectors(ids, new.key)[0] == []
-        assert read_vectors(ids, old_key)[0] == []
 
         out = io.StringIO()
         call_command("compute_features", "--missing", stdout=out, stderr=io.StringIO())
-        assert "Nothing to compute" in out.getvalue()
-        assert "2 images with stale vectors are left out: use --stale." in out.getvalue()
+        assert (
+            f"3 images with vectors of another extractor (stale for {new.key}) are left out: "
+            "use --stale." in out.getvalue()
+        )
+        # ... and the run computed the pending image only: the old extractor's rows are as
+        # they were, still ready under their own key.
+        after = StockImage.objects.filter(pk__in=ids)
+        assert sorted(after.values_list("pk", "feature_status", "extractor_key")) == [
+            row for row in before if row[0] != pending
+        ]
+        assert StockImage.objects.get(pk=pending).extractor_key == new.key
 
         out = io.StringIO()
         call_command("compute_features", "--stale", stdout=out, stderr=io.StringIO())
-        assert f"Computing features for 2 images with extractor {new.key}; 2 stale" in (
+        assert f"Computing features for 3 images with extractor {new.key}; 3 stale" in (
             out.getvalue()
         )
         found, new_vectors = read_vectors(ids, new.key)
@@ -426,6 +432,28 @@ def test_extractor_change_marks_stale_and_stale_run_recomputes(
         assert read_vectors(ids, old_key)[0] == []
         assert not np.allclose(new_vectors, old_vectors, atol=1e-3)  # max pooling, not avg
         assert set(StockImage.objects.values_list("extractor_key", flat=True)) == {new.key}
+
+
+def test_switching_the_extractor_back_restores_every_vector_at_once(
+    make_post, extractor, other_extractor_settings
+):
+    post = make_post(images=3, pattern="noise")
+    ids = sorted(post.images.values_list("pk", flat=True))
+    compute_features(ids)
+    stored = sorted(StockImage.objects.values_list("pk", "vector", "feature_attempts"))
+
+    with override_settings(IMAGETAGS=other_extractor_settings):
+        other = get_extractor().key
+        # Anything that looks at the library under the other key (a rebuild refuses) ...
+        with pytest.raises(CommandError, match="3 of 3 ready vectors were made by extractor"):
+            call_command("rebuild_clusters", "--k", "1")
+        assert "Nothing to compute (missing)" in _run()
+        assert not ready_images(other).exists()
+
+    # ... leaves the vectors usable as they are once the setting is back: nothing recomputed.
+    assert sorted(ready_images(extractor.key).values_list("pk", flat=True)) == ids
+    assert sorted(StockImage.objects.values_list("pk", "vector", "feature_attempts")) == stored
+    assert "Nothing to compute (stale)" in _run("--stale")
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -577,3 +605,59 @@ def test_no_auto_tags_when_the_setting_is_off(make_post, clustered_library):
     compute_features(post.images.values_list("pk", flat=True))
     assert post.images.get().feature_status == FeatureStatus.READY
     assert not post.post_tags.exists()
+
+
+# --- old rows ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_turns_stale_rows_with_a_vector_back_into_ready():
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before = [("imagetags", "0004_rebuildlock")]
+    executor = MigrationExecutor(connection)
+    latest = executor.loader.graph.leaf_nodes("imagetags")
+    executor.migrate(before)
+    try:
+        apps = executor.loader.project_state(before).apps
+        OldPost = apps.get_model("imagetags", "Post")
+        OldImage = apps.get_model("imagetags", "StockImage")
+        post = OldPost.objects.create()
+        vector = vectors.to_bytes(np.ones(4, dtype=np.float32) / 2)
+        rows = {
+            name: OldImage.objects.create(
+                post=post,
+                image=f"library/{name}.jpg",
+                sha256=name.ljust(64, "0"),
+                width=1,
+                height=1,
+                feature_status=status,
+                extractor_key=key,
+                vector=data,
+            ).pk
+            for name, status, key, data in [
+                ("stale", "stale", "old/extractor", vector),
+                ("hollow", "stale", "old/extractor", None),
+                ("ready", "ready", "new/extractor", vector),
+                ("pending", "pending", "", None),
+            ]
+        }
+        executor = MigrationExecutor(connection)
+        executor.migrate([("imagetags", "0005_stale_vectors_ready")])
+        apps = executor.loader.project_state([("imagetags", "0005_stale_vectors_ready")]).apps
+        NewImage = apps.get_model("imagetags", "StockImage")
+        found = {
+            pk: (status, key, data is not None)
+            for pk, status, key, data in NewImage.objects.values_list(
+                "pk", "feature_status", "extractor_key", "vector"
+            )
+        }
+        assert found == {
+            rows["stale"]: ("ready", "old/extractor", True),  # its key says what it is
+            rows["hollow"]: ("pending", "", False),  # nothing to use: computed again
+            rows["ready"]: ("ready", "new/extractor", True),
+            rows["pending"]: ("pending", "", False),
+        }
+    finally:
+        MigrationExecutor(connection).migrate(latest)

@@ -155,11 +155,39 @@ def _no_vectors_message(extractor_key: str) -> str:
     total = sum(counts.values())
     if total == 0:
         return "The library is empty: add images (e.g. `manage.py import_library manifest.jsonl`) first."
+    # Stale is derived from the key: ready vectors of another extractor.
+    stale = counts[FeatureStatus.READY] - _ready_images(extractor_key).count()
     return (
         f"No feature vectors for the current extractor ({extractor_key}): "
-        f"{counts[FeatureStatus.PENDING]} images pending, {counts[FeatureStatus.STALE]} stale, "
+        f"{counts[FeatureStatus.PENDING]} images pending, {stale} stale, "
         f"{counts[FeatureStatus.FAILED]} failed, of {total}. "
         "Run `manage.py compute_features` (or start a `manage.py qcluster` worker) first."
+    )
+
+
+def check_library_extractor(extractor_key: str) -> None:
+    """Refuse a rebuild when most ready vectors were made by another extractor.
+
+    Such a rebuild would cluster the few vectors of the configured key and retire a set that
+    serves the whole library; usually the setting was changed by mistake, or the recompute has
+    not run yet. Nothing is read but counts, and nothing is written.
+    """
+    by_key = dict(
+        StockImage.objects.filter(feature_status=FeatureStatus.READY)
+        .values("extractor_key")
+        .annotate(n=Count("pk"))
+        .values_list("extractor_key", "n")
+    )
+    total = sum(by_key.values())
+    other = total - by_key.get(extractor_key, 0)
+    if total == 0 or other * 2 <= total:
+        return
+    # The most common other key names the extractor the library was built with.
+    commonest = max((n, key) for key, n in by_key.items() if key != extractor_key)[1]
+    raise ClusteringError(
+        f"{other} of {total} ready vectors were made by extractor {commonest}, not the "
+        f"configured {extractor_key}: run `manage.py compute_features --stale` first, or set "
+        "IMAGETAGS['EXTRACTOR'] back. Nothing was changed."
     )
 
 
@@ -199,7 +227,8 @@ def rebuild_clusters(
     """Cluster the library's current vectors into a new ClusterSet and make it active.
 
     Raises :class:`ClusteringError` (nothing written, the active set untouched) when there are no
-    vectors for the current extractor, fewer vectors than K, or a warm start is impossible.
+    vectors for the current extractor, when most ready vectors were made by another extractor
+    (:func:`check_library_extractor`), fewer vectors than K, or a warm start is impossible.
 
     One rebuild runs at a time: while another holds the lock (``services.locks``), this raises
     ``locks.RebuildInProgress`` (a ClusteringError) before doing anything. A set left
@@ -207,6 +236,8 @@ def rebuild_clusters(
     """
     from imagetags.services.locks import cleanup_abandoned_sets, rebuild_lock
 
+    # Before the lock, so that a refused rebuild writes nothing at all (not even the lock row).
+    check_library_extractor(current_extractor_key())
     with rebuild_lock() as lease:
         abandoned = cleanup_abandoned_sets()
         if abandoned and progress:
@@ -250,11 +281,13 @@ def _rebuild_clusters(
     started = time.perf_counter()
 
     extractor_key = current_extractor_key()
-    from imagetags.services.features import mark_stale
-
-    stale = mark_stale(extractor_key)
+    stale = (
+        StockImage.objects.filter(feature_status=FeatureStatus.READY)
+        .exclude(extractor_key=extractor_key)
+        .count()
+    )
     if stale:
-        say(f"{stale} vectors of an older extractor marked stale (they are left out).")
+        say(f"{stale} vectors of another extractor are left out (stale for {extractor_key}).")
     n, dim = library_shape(extractor_key)
     # A library too large for REBUILD_MEMORY_MB is never loaded whole: mini-batch k-means then
     # streams it from the database in chunks (see _fit_streaming).

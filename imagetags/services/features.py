@@ -1,8 +1,10 @@
 """Computing and storing the feature vectors of library images.
 
-Every vector is stored with the key of the extractor that made it. A key change does not delete
-anything: :func:`mark_stale` flags the old vectors ``stale`` and they are recomputed in the
-background or by ``compute_features --stale``; every reader filters by status *and* key, so
+Every vector is stored with the key of the extractor that made it. Staleness is derived, never
+stored: a vector is usable exactly when its row is ``ready`` and its key equals the configured
+extractor's (:func:`ready_images`). A key change therefore writes nothing: vectors of the old key
+are simply not read (``compute_features --stale`` recomputes them), and switching the setting back
+makes every one of them usable again at once. Every reader filters by status *and* key, so
 vectors of two extractors are never mixed.
 
 :func:`compute_features` is what both the django-q2 task (one id) and the ``compute_features``
@@ -120,17 +122,21 @@ def read_vectors(
     return [pk for pk, _vector in rows], matrix
 
 
-def mark_stale(extractor_key: str) -> int:
-    """Flag ready vectors made by any other extractor as stale; returns how many.
+def other_key_images(extractor_key: str) -> QuerySet[StockImage]:
+    """Images with a ready vector made by another extractor: stale for ``extractor_key``.
 
-    The old vector stays in the row until it is recomputed (nothing reads it meanwhile, since
-    readers filter by key), so switching extractors back and forth loses no work in progress.
+    Derived from the key on every call, never stored, so it is undone by switching back.
     """
-    return (
-        StockImage.objects.filter(feature_status=FeatureStatus.READY)
-        .exclude(extractor_key=extractor_key)
-        .exclude(extractor_key="")
-        .update(feature_status=FeatureStatus.STALE)
+    return StockImage.objects.filter(feature_status=FeatureStatus.READY).exclude(
+        extractor_key=extractor_key
+    )
+
+
+def waiting_for_vector(extractor_key: str) -> Q:
+    """Images still waiting for a usable vector of ``extractor_key``: never computed yet, or
+    holding only another extractor's vector."""
+    return Q(feature_status=FeatureStatus.PENDING) | (
+        Q(feature_status=FeatureStatus.READY) & ~Q(extractor_key=extractor_key)
     )
 
 
@@ -138,8 +144,7 @@ def select_images(mode: SelectMode, extractor_key: str) -> QuerySet[StockImage]:
     """Images a ``compute_features`` run in ``mode`` should look at.
 
     - ``missing``: never computed (pending), or failed fewer than ``MAX_FEATURE_ATTEMPTS`` times;
-    - ``stale``: vectors of another extractor — flagged stale, or still ready under an old key
-      when :func:`mark_stale` has not run yet (so the answer does not depend on call order);
+    - ``stale``: ready vectors made by another extractor (:func:`other_key_images`);
     - ``all``: every image (with ``force``, a full recompute).
     """
     images = StockImage.objects.order_by("pk")
@@ -152,10 +157,7 @@ def select_images(mode: SelectMode, extractor_key: str) -> QuerySet[StockImage]:
             )
         )
     if mode == "stale":
-        return images.filter(
-            Q(feature_status=FeatureStatus.STALE)
-            | (Q(feature_status=FeatureStatus.READY) & ~Q(extractor_key=extractor_key))
-        )
+        return other_key_images(extractor_key).order_by("pk")
     if mode == "all":
         return images
     raise ValueError(f"Unknown mode {mode!r}: choose one of {', '.join(SELECT_MODES)}.")
@@ -398,7 +400,7 @@ def _process_batch(
         if to_write:
             _write_rows(to_write)
     if ready:
-        _after_ready(ready)
+        _after_ready(ready, key)
 
 
 def _write_rows(rows: list[StockImage]) -> None:
@@ -427,7 +429,7 @@ def _write_rows(rows: list[StockImage]) -> None:
         cursor.executemany(sql, params)
 
 
-def _after_ready(ready: list[StockImage]) -> None:
+def _after_ready(ready: list[StockImage], key: str) -> None:
     """Put fresh vectors into the active clustering, then auto-tag posts that are complete.
 
     The vectors are committed already; a failure here must not turn them into failed images, so
@@ -441,13 +443,12 @@ def _after_ready(ready: list[StockImage]) -> None:
     if not imagetags_settings.AUTO_TAG:
         return
     post_ids = {row.post_id for row in ready}
-    # A post is auto-tagged once none of its images is still waiting for a vector (failed
-    # images do not hold it back forever).
+    # A post is auto-tagged once none of its images is still waiting for a vector of this
+    # extractor (failed images do not hold it back forever).
     waiting = set(
-        StockImage.objects.filter(
-            post_id__in=post_ids,
-            feature_status__in=[FeatureStatus.PENDING, FeatureStatus.STALE],
-        ).values_list("post_id", flat=True)
+        StockImage.objects.filter(waiting_for_vector(key), post_id__in=post_ids).values_list(
+            "post_id", flat=True
+        )
     )
     for post in Post.objects.filter(pk__in=post_ids - waiting):
         try:

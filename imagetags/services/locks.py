@@ -15,6 +15,10 @@ a message saying which rebuild is running and how far it has got.
   another host — no sign of life (the building set's ``heartbeat``) for
   :data:`REMOTE_OWNER_STALE_AFTER`.
 
+The admin's button queues at most one rebuild: :func:`reserve_queued_rebuild` takes the one
+queued place (a ``RebuildLock`` row of its own name, on every database and broker) or says what is
+already queued or running; the task gives the place back when it ends.
+
 Whoever holds the lock knows that any set still ``building`` was abandoned by a rebuild that
 died: :func:`cleanup_abandoned_sets` marks it failed and deletes its partial rows.
 """
@@ -279,3 +283,87 @@ def cleanup_abandoned_sets(using: str = DEFAULT_DB_ALIAS) -> list[int]:
             TagFrequency.objects.using(using).filter(cluster__cluster_set_id=set_id).delete()
             Cluster.objects.using(using).filter(cluster_set_id=set_id).delete()
     return abandoned
+
+
+# --- at most one queued rebuild --------------------------------------------------------------
+
+QUEUED_NAME = "rebuild_queued"
+# A queued rebuild that no worker has finished after this long (no worker running, or a task
+# lost with its broker) no longer holds the place: the next request takes it over.
+QUEUED_EXPIRES_AFTER = timedelta(hours=1)
+
+
+def reserve_queued_rebuild(using: str = DEFAULT_DB_ALIAS) -> str:
+    """Take the one place for a queued rebuild; returns the token the task releases it with.
+
+    Raises :class:`RebuildInProgress` saying which when a rebuild is already queued, holds the
+    rebuild lock, or is building a set that still shows signs of life. The place is a
+    :class:`~imagetags.models.RebuildLock` row under its own name, so that of two requests at
+    the same moment exactly one inserts it (its primary key), whatever the broker; the task
+    deletes it when it ends (:func:`release_queued_rebuild`).
+    """
+    running = _running_rebuild(using)
+    if running:
+        raise RebuildInProgress(
+            f"A rebuild is already running ({running}); no second one was queued. "
+            "Its cluster set becomes active by itself when it is done."
+        )
+    token = uuid.uuid4().hex
+    locks = RebuildLock.objects.using(using)
+    current = None
+    for _attempt in range(3):
+        try:
+            with transaction.atomic(using=using):
+                locks.create(name=QUEUED_NAME, owner=token)
+            return token
+        except IntegrityError:
+            pass
+        current = locks.filter(name=QUEUED_NAME).first()
+        if current is None:
+            continue  # the queued task ended in between: try again
+        if timezone.now() - current.acquired <= QUEUED_EXPIRES_AFTER:
+            break
+        # Compare-and-swap on the old owner: of two requests taking over at once, one wins.
+        if locks.filter(name=QUEUED_NAME, owner=current.owner).update(
+            owner=token, acquired=timezone.now()
+        ):
+            logger.warning("The rebuild queued at %s never ran; queued a new one", current.acquired)
+            return token
+    since = f" (since {current.acquired:%Y-%m-%d %H:%M:%S %Z})" if current is not None else ""
+    raise RebuildInProgress(
+        f"A rebuild is already queued{since}; no second one was queued. "
+        "A django-q2 worker (manage.py qcluster) runs it."
+    )
+
+
+def release_queued_rebuild(token: str, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Give the queued place back (the task calls this when it ends, however it ends)."""
+    RebuildLock.objects.using(using).filter(name=QUEUED_NAME, owner=token).delete()
+
+
+def queued_rebuild(using: str = DEFAULT_DB_ALIAS) -> RebuildLock | None:
+    """The queued rebuild's row while it holds the place, else None."""
+    current = RebuildLock.objects.using(using).filter(name=QUEUED_NAME).first()
+    if current is None or timezone.now() - current.acquired > QUEUED_EXPIRES_AFTER:
+        return None
+    return current
+
+
+def _running_rebuild(using: str) -> str:
+    """What says a rebuild is running now ("" if nothing does): a building set with a recent
+    sign of life, or a live holder of the rebuild lock (still reading vectors, say)."""
+    now = timezone.now()
+    for cluster_set in ClusterSet.objects.using(using).filter(status=ClusterSetStatus.BUILDING):
+        if now - (cluster_set.heartbeat or cluster_set.created) < REMOTE_OWNER_STALE_AFTER:
+            detail = f"cluster set {cluster_set.pk}, started {cluster_set.created:%H:%M:%S %Z}"
+            if cluster_set.progress_message:
+                detail += f"; {cluster_set.progress:.0%}: {cluster_set.progress_message}"
+            return detail
+    if connections[using].vendor == "postgresql":
+        holder = _advisory_holder(using)
+        return f"the rebuild lock is held by {holder}" if holder else ""
+    lock = RebuildLock.objects.using(using).select_related("cluster_set").filter(name=LOCK_NAME)
+    current = lock.first()
+    if current is not None and stale_reason(current) is None:
+        return f"the rebuild lock is held by {current.owner}"
+    return ""

@@ -53,7 +53,8 @@ class ExtractorMismatch(SuggestionUnavailable):
     def __init__(self, cluster_key: str, extractor_key: str) -> None:
         super().__init__(
             f"The active clusters were built with {cluster_key}, but the configured extractor is "
-            f"{extractor_key}. Run `manage.py compute_features --stale` and `rebuild_clusters`."
+            f"{extractor_key}. Run `manage.py compute_features --stale` and `rebuild_clusters`, "
+            "or set IMAGETAGS['EXTRACTOR'] back."
         )
 
 

@@ -101,11 +101,15 @@ def apply_auto_tags(post: Post) -> list[PostTag]:
     not counted into cluster frequencies (``COUNTED_TAG_SOURCES``). Suggestions from several
     images are merged by best score. Safe to call again: tags already on the post are skipped.
     """
+    from imagetags.services.extractors import get_extractor
     from imagetags.services.suggest import SuggestionUnavailable, suggest
 
     if not imagetags_settings.AUTO_TAG:
         return []
-    images = list(post.images.filter(feature_status=FeatureStatus.READY))
+    # Usable vectors only: ready and made by the configured extractor (staleness is derived).
+    images = list(
+        post.images.filter(feature_status=FeatureStatus.READY, extractor_key=get_extractor().key)
+    )
     if not images:
         return []
     best: dict[str, float] = {}

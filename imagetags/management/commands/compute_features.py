@@ -20,7 +20,8 @@ SHOWN_ERRORS = 5
 class Command(BaseCommand):
     help = (
         "Compute the feature vectors of library images with the configured extractor. "
-        "Vectors of an older extractor are marked stale first. Usually a background task does "
+        "Vectors of another extractor are left alone (and used again if the setting is switched "
+        "back) until --stale recomputes them. Usually a background task does "
         "this on upload; use this command after an import, an extractor change or failures."
     )
 
@@ -77,16 +78,15 @@ class Command(BaseCommand):
                 "model path), then run this command again."
             ) from exc
 
-        marked = features.mark_stale(key)
-        if marked and verbosity:
-            self.stdout.write(f"Marked {marked} vectors of an older extractor stale.")
-
         selected = features.select_images(mode, key)
         total = selected.count()
-        stale = selected.filter(feature_status=FeatureStatus.STALE).count()
+        # Stale is derived from the key: ready vectors that another extractor made.
+        stale = (
+            selected.filter(feature_status=FeatureStatus.READY).exclude(extractor_key=key).count()
+        )
         failed_before = selected.filter(feature_status=FeatureStatus.FAILED).count()
         if verbosity:
-            self._describe_left_out(mode)
+            self._describe_left_out(mode, key)
         if total == 0:
             if verbosity:
                 self.stdout.write(self.style.SUCCESS(f"Nothing to compute ({mode}) for {key}."))
@@ -152,17 +152,20 @@ class Command(BaseCommand):
                 force=force,
             )
 
-    def _describe_left_out(self, mode: str) -> None:
+    def _describe_left_out(self, mode: str, key: str) -> None:
         """Say which images this mode does not touch, and which mode would."""
         if mode != "missing":
             return
-        stale = StockImage.objects.filter(feature_status=FeatureStatus.STALE).count()
+        stale = features.other_key_images(key).count()
         exhausted = StockImage.objects.filter(
             feature_status=FeatureStatus.FAILED,
             feature_attempts__gte=imagetags_settings.MAX_FEATURE_ATTEMPTS,
         ).count()
         if stale:
-            self.stdout.write(f"{stale} images with stale vectors are left out: use --stale.")
+            self.stdout.write(
+                f"{stale} images with vectors of another extractor (stale for {key}) are left "
+                "out: use --stale."
+            )
         if exhausted:
             self.stdout.write(
                 f"{exhausted} images failed {imagetags_settings.MAX_FEATURE_ATTEMPTS} times and "
