@@ -178,3 +178,30 @@ def test_feature_write_waits_for_another_writer_instead_of_failing(
     assert times["stored"] > times["released"]
     image.refresh_from_db()
     assert image.feature_status == FeatureStatus.READY and image.feature_attempts == 2
+
+
+# The check reads settings only; the open connections are left alone, as Django warns.
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+@pytest.mark.parametrize(
+    ("options", "warned"),
+    [
+        ({"timeout": 30}, True),
+        ({"timeout": 30, "transaction_mode": "DEFERRED"}, True),
+        ({"timeout": 30, "transaction_mode": "IMMEDIATE"}, False),
+        ({"transaction_mode": "EXCLUSIVE"}, False),
+    ],
+)
+def test_sqlite_without_immediate_transactions_is_warned_about(settings, options, warned):
+    """A site on SQLite hits the same "database is locked" as the test worker did: say so."""
+    from imagetags.checks import check_sqlite_transactions
+
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "OPTIONS": options}}
+    found = check_sqlite_transactions()
+    assert [w.id for w in found] == (["imagetags.W003"] if warned else [])
+    if warned:
+        assert "'database is locked'" in found[0].msg and "IMMEDIATE" in found[0].hint
+    # PostgreSQL waits for row locks: nothing to say there.
+    settings.DATABASES = {
+        "default": {"ENGINE": "django.db.backends.postgresql", "NAME": "x", "OPTIONS": options}
+    }
+    assert check_sqlite_transactions() == []
