@@ -70,8 +70,11 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("IMAGETAGS_DEMO_DB", str(BASE_DIR / "demo.sqlite3")),
-        # The web server and the worker share the file; wait for each other's writes.
-        "OPTIONS": {"timeout": 30},
+        # The web server and the worker share the file; wait for each other's writes. IMMEDIATE:
+        # an atomic block takes the write lock at BEGIN, where `timeout` applies; a deferred one
+        # that reads and then writes fails at once with "database is locked" if the other
+        # process is writing (docs/reliability.md, "Flaky tests").
+        "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
     }
 }
 

@@ -80,6 +80,40 @@ def check_task_queue(app_configs: Any = None, **kwargs: Any) -> list:
     return []
 
 
+@register(Tags.compatibility)
+def check_sqlite_transactions(app_configs: Any = None, **kwargs: Any) -> list:
+    """A SQLite database shared by processes must take its write lock when a transaction begins.
+
+    Under SQLite's default deferred ``BEGIN``, a transaction that reads and then writes (storing
+    a batch of vectors, django-q2 saving a result) fails at once with "database is locked" when
+    another process holds the write lock: SQLite does not wait to upgrade a read lock (it could
+    deadlock), so ``timeout`` does not help. ``BEGIN IMMEDIATE`` takes the lock up front, where
+    the timeout applies.
+    """
+    from django.conf import settings
+    from django.db import router
+
+    from imagetags.models import StockImage
+
+    alias = router.db_for_write(StockImage)
+    config = settings.DATABASES.get(alias, {})
+    if not config.get("ENGINE", "").endswith("sqlite3"):
+        return []
+    mode = str((config.get("OPTIONS") or {}).get("transaction_mode") or "DEFERRED").upper()
+    if mode in ("IMMEDIATE", "EXCLUSIVE"):
+        return []
+    return [
+        Warning(
+            f"The SQLite database {alias!r} begins transactions in {mode} mode: a feature task "
+            "that stores vectors while another process writes fails with 'database is locked', "
+            "whatever the timeout.",
+            hint=f"Set DATABASES[{alias!r}]['OPTIONS'] = {{'timeout': 30, 'transaction_mode': "
+            "'IMMEDIATE'}: a writer then waits for the lock instead.",
+            id="imagetags.W003",
+        )
+    ]
+
+
 def _exists(path: str) -> bool:
     import os
 

@@ -67,7 +67,14 @@ DATABASES = {
         "ENGINE": "django.db.backends.sqlite3",
         # NAME is what a worker subprocess opens (tests pass it the test database's path).
         "NAME": _TEST_DB,
-        "OPTIONS": {"timeout": 30},
+        # transaction_mode IMMEDIATE: every atomic block takes SQLite's write lock at BEGIN,
+        # waiting up to `timeout` for it. Under the default deferred BEGIN, a block that reads
+        # and then writes (compute_features storing a batch, django-q2's monitor saving a
+        # result) fails at once with "database is locked" when another process holds the write
+        # lock at that moment: SQLite never waits to upgrade a read lock (that could deadlock),
+        # so the timeout does not apply. That made the worker tests flaky on a busy machine
+        # (docs/reliability.md, "Flaky tests"; tests/test_worker.py shows it).
+        "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
         "TEST": {"NAME": _TEST_DB},
     }
 }

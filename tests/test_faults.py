@@ -154,6 +154,14 @@ def test_task_that_raises_is_recorded_and_the_requeued_task_completes(
         processes=processes,
         what="the re-queued task",
     )
+    # The monitor saves the result after the task has committed the vector (the same race as in
+    # test_worker_killed_mid_extraction_is_retried_and_completes): wait for it.
+    wait_for(
+        lambda: Task.objects.filter(name=name, success=True).exists(),
+        timeout=READY_TIMEOUT,
+        processes=processes,
+        what="the monitor to save the re-queued task's result",
+    )
     image.refresh_from_db()
     assert image.feature_attempts == 1
     assert Task.objects.filter(name=name, success=True).count() == 1
@@ -244,6 +252,24 @@ def hanging(*args, **kwargs):
 features._process_batch = hanging
 """
 
+# Runs in the second worker: its monitor saves a task's result (the Task row) only once the test
+# has seen the image ready (the marker file). That is the order a busy machine produces now and
+# then: the task commits the vector in the pool process, and the monitor, another process, saves
+# the result a moment later. A test that read the Task as soon as the image was ready failed then
+# (Task.DoesNotExist); this makes that order happen every time.
+RESULTS_SAVED_AFTER_THE_TEST_LOOKS = """
+import os, pathlib, time
+from django_q import monitor
+seen = pathlib.Path(os.environ["IMAGETAGS_TEST_SEEN"])
+original = monitor.save_task
+def save_task_later(task, broker):
+    deadline = time.monotonic() + 120
+    while not seen.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return original(task, broker)
+monitor.save_task = save_task_later
+"""
+
 BROKERS = [
     "orm",
     pytest.param(
@@ -277,7 +303,13 @@ def test_worker_killed_mid_extraction_is_retried_and_completes(
     assert image.feature_status == FeatureStatus.PENDING  # nothing half-saved
     assert image.vector is None and image.feature_attempts == 0
 
-    second = processes.qcluster(label="second-qcluster", **env)
+    seen = tmp_path / "seen-ready"
+    second = processes.qcluster(
+        preamble=RESULTS_SAVED_AFTER_THE_TEST_LOOKS,
+        label="second-qcluster",
+        IMAGETAGS_TEST_SEEN=str(seen),
+        **env,
+    )
     explain = None
     if broker == "redis":
         # django-q2's Redis broker has no acknowledgements: the task left the queue when the
@@ -302,12 +334,22 @@ def test_worker_killed_mid_extraction_is_retried_and_completes(
         what="the retried extraction",
         explain=explain,
     )
+    seen.write_text("ready")
     image.refresh_from_db()
     assert image.feature_attempts == 1  # the killed attempt wrote nothing
     assert vectors.from_bytes(image.vector).shape == (get_extractor().dim,)
     if broker == "orm":
-        # The very task that was in hand when the worker died was delivered again.
-        task = Task.objects.get(name=f"imagetags-features-{image.pk}")
+        # The very task that was in hand when the worker died was delivered again. Its result is
+        # saved by the monitor after the task returned, so a ready image does not mean the Task
+        # row exists yet: wait for the row itself.
+        name = f"imagetags-features-{image.pk}"
+        wait_for(
+            lambda: Task.objects.filter(name=name).exists(),
+            timeout=READY_TIMEOUT,
+            processes=processes,
+            what="the monitor to save the retried task's result",
+        )
+        task = Task.objects.get(name=name)
         assert task.success, task.result
 
 

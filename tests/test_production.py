@@ -174,6 +174,17 @@ tasks.extract_features = recording
 """
 
 
+def _handled(done_files) -> list[list[str]]:
+    """The (image id, ready) lines the workers wrote, one per delivery they finished."""
+    return [
+        line.split()
+        for done in done_files
+        if done.exists()
+        for line in done.read_text().splitlines()
+        if line
+    ]
+
+
 @requires_production_stack
 @pytest.mark.worker
 @pytest.mark.slow
@@ -224,14 +235,19 @@ def test_two_workers_embed_200_images_each_once(transactional_db, processes, mon
         what="two workers to embed 200 images",
         interval=1.0,
     )
+    # Every delivery handled, not just taken: an empty Redis list only means the workers took
+    # the tasks (a pusher holds some in memory), and the vectors are committed before a task
+    # adds them to the active set. Waiting for the queue alone left the end of the run to the
+    # SIGTERM below, which a busy machine may not finish before the SIGKILL.
     broker = get_broker()
     wait_for(
-        lambda: broker.queue_size() == 0,
-        timeout=120,
+        lambda: len(_handled(done_files)) == 400 and broker.queue_size() == 0,
+        timeout=READY_TIMEOUT,
         processes=processes,
-        what="the duplicate deliveries to drain",
+        what="the duplicate deliveries to be handled",
+        explain=lambda: f"{len(_handled(done_files))} of 400 deliveries handled",
     )
-    processes.stop_all()  # lets the tasks in hand finish
+    processes.stop_all()
 
     # None lost, none computed twice: one attempt each, one vector of the current extractor.
     key, dim = get_extractor().key, get_extractor().dim
@@ -243,9 +259,7 @@ def test_two_workers_embed_200_images_each_once(transactional_db, processes, mon
     for data in rows.values_list("vector", flat=True):
         assert vectors.from_bytes(data).shape == (dim,)
     # Every delivery was handled (400), by both workers, and each image embedded exactly once.
-    handled = [
-        line.split() for done in done_files for line in done.read_text().splitlines() if line
-    ]
+    handled = _handled(done_files)
     assert len(handled) == 400
     per_worker = [len(done.read_text().splitlines()) for done in done_files]
     assert min(per_worker) > 0, per_worker
@@ -283,15 +297,23 @@ def test_suggestions_keep_being_served_during_rebuilds(transactional_db, add_pos
     queries = {"red": unit(0, 0.05, seed=901), "blue": unit(2, 0.05, seed=902)}
 
     stop = threading.Event()
-    answers: list[tuple[float, str, int, list[str]]] = []
+    # (asked, answered, color, cluster set, tags) of every suggestion.
+    answers: list[tuple[float, float, str, int, list[str]]] = []
     errors: list[BaseException] = []
 
     def serve(color: str) -> None:
         try:
             while not stop.is_set():
+                asked = time.monotonic()
                 result = suggest(queries[color], limit=3)
                 answers.append(
-                    (time.monotonic(), color, result.cluster_set, [t.name for t in result.tags])
+                    (
+                        asked,
+                        time.monotonic(),
+                        color,
+                        result.cluster_set,
+                        [t.name for t in result.tags],
+                    )
                 )
         except BaseException as exc:
             errors.append(exc)
@@ -308,7 +330,12 @@ def test_suggestions_keep_being_served_during_rebuilds(transactional_db, add_pos
             started = time.monotonic()
             built.append(rebuild_clusters(k=k, algorithm="kmeans", seed=k))
             windows.append((started, time.monotonic()))
-        time.sleep(0.3)  # answers from the last set
+        # Answers to questions asked after the last rebuild (waited for, not slept for: on a
+        # busy machine a thread may not run for a while, and one asked before the last set was
+        # activated may still be answered by the set before).
+        deadline = time.monotonic() + 60
+        while not any(a[0] > windows[-1][1] for a in answers) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         stop.set()
         for thread in threads:
@@ -317,12 +344,13 @@ def test_suggestions_keep_being_served_during_rebuilds(transactional_db, add_pos
     assert not errors, errors
     assert answers
     built_ids = {cluster_set.pk for cluster_set in built}
-    for _at, color, set_id, tags in answers:
+    for _asked, _answered, color, set_id, tags in answers:
         assert set_id in built_ids  # never a building or failed set
         assert tags and tags[0] == color  # always a complete answer
-    during = [a for a in answers if any(start <= a[0] <= end for start, end in windows)]
+    during = [a for a in answers if any(start <= a[1] <= end for start, end in windows)]
     assert len(during) >= 20, f"only {len(during)} answers overlapped the rebuilds"
-    assert answers[-1][2] == built[-1].pk
+    asked_after = [a[3] for a in answers if a[0] > windows[-1][1]]
+    assert asked_after and set(asked_after) == {built[-1].pk}
     assert ClusterSet.objects.get(status=ClusterSetStatus.ACTIVE) == built[-1]
     assert ClusterSet.objects.filter(status=ClusterSetStatus.RETIRED).count() == 3
     # One line of the JSON a client gets, for the record.

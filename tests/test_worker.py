@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from django.db import connection
 
 from imagetags.models import FeatureStatus, Post, StockImage
 from imagetags.services import vectors
@@ -124,3 +127,81 @@ def test_qcluster_worker_embeds_saved_images(
     finally:
         _stop_worker(worker)
     assert worker.returncode is not None
+
+
+@pytest.mark.skipif(
+    connection.vendor != "sqlite", reason="SQLite's lock upgrade; PostgreSQL locks rows instead"
+)
+def test_feature_write_waits_for_another_writer_instead_of_failing(
+    transactional_db, make_post, monkeypatch
+):
+    """The cause of the flaky worker test: storing a vector while another process writes.
+
+    compute_features stores a batch in ``transaction.atomic()``: it reads the rows, then writes.
+    Under SQLite's default deferred ``BEGIN`` the read takes a shared lock, and upgrading it to a
+    write lock while another connection holds one (a qcluster monitor saving the previous task's
+    result) fails at once with "database is locked": SQLite does not wait there (the busy
+    timeout would deadlock), whatever ``timeout`` says. tests/settings.py begins every atomic
+    block with ``BEGIN IMMEDIATE``, so the write lock is taken, and waited for, up front.
+    """
+    from imagetags.services import features
+
+    image = make_post(tags=["x"], pattern="noise").images.get()
+    other = sqlite3.connect(
+        connection.settings_dict["NAME"], isolation_level=None, check_same_thread=False
+    )
+    times: dict[str, float] = {}
+
+    def release() -> None:
+        times["released"] = time.monotonic()
+        other.execute("COMMIT")
+
+    original = features._process_batch
+
+    def while_another_process_writes(*args, **kwargs):
+        other.execute("BEGIN IMMEDIATE")  # the other writer holds the write lock...
+        timer = threading.Timer(1.0, release)  # ...and commits a moment later
+        timer.start()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            timer.join()
+            times["stored"] = time.monotonic()
+
+    monkeypatch.setattr(features, "_process_batch", while_another_process_writes)
+    try:
+        summary = features.compute_features([image.pk], force=True)
+    finally:
+        other.close()
+    assert summary.ready == 1 and summary.errors == []
+    # It waited for the other writer rather than failing, and then stored the vector.
+    assert times["stored"] > times["released"]
+    image.refresh_from_db()
+    assert image.feature_status == FeatureStatus.READY and image.feature_attempts == 2
+
+
+# The check reads settings only; the open connections are left alone, as Django warns.
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+@pytest.mark.parametrize(
+    ("options", "warned"),
+    [
+        ({"timeout": 30}, True),
+        ({"timeout": 30, "transaction_mode": "DEFERRED"}, True),
+        ({"timeout": 30, "transaction_mode": "IMMEDIATE"}, False),
+        ({"transaction_mode": "EXCLUSIVE"}, False),
+    ],
+)
+def test_sqlite_without_immediate_transactions_is_warned_about(settings, options, warned):
+    """A site on SQLite hits the same "database is locked" as the test worker did: say so."""
+    from imagetags.checks import check_sqlite_transactions
+
+    settings.DATABASES = {"default": {**settings.DATABASES["default"], "OPTIONS": options}}
+    found = check_sqlite_transactions()
+    assert [w.id for w in found] == (["imagetags.W003"] if warned else [])
+    if warned:
+        assert "'database is locked'" in found[0].msg and "IMMEDIATE" in found[0].hint
+    # PostgreSQL waits for row locks: nothing to say there.
+    settings.DATABASES = {
+        "default": {"ENGINE": "django.db.backends.postgresql", "NAME": "x", "OPTIONS": options}
+    }
+    assert check_sqlite_transactions() == []
