@@ -35,11 +35,10 @@ from django.core.files import File
 from django.core.files.storage import Storage
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from PIL import Image, UnidentifiedImageError
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import ClusterSet, FeedbackChannel, Post, StockImage, normalize_tag_name
-from imagetags.services.images import InvalidImage
+from imagetags.services.images import InvalidImage, stored_extension
 from imagetags.services.posts import (
     ShownSuggestion,
     create_post,
@@ -309,8 +308,6 @@ class PendingUploadError(ValueError):
 
 
 _PENDING_SALT = "imagetags.forms.PendingUpload"
-# Extensions by the format Pillow reads from the bytes (never the client's file name).
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 
 
 def _pending_storage() -> Storage:
@@ -319,15 +316,8 @@ def _pending_storage() -> Storage:
 
 
 def _extension(upload: Any) -> str:
-    try:
-        upload.seek(0)
-        with Image.open(upload) as image:  # reads the header only
-            fmt = (image.format or "").upper()
-    except (OSError, UnidentifiedImageError):
-        fmt = ""
-    finally:
-        upload.seek(0)
-    return _EXTENSIONS.get(fmt, fmt.lower() or "img")
+    # The format's, read from the bytes (never the client's file name), as for StockImage files.
+    return stored_extension(upload)
 
 
 @dataclass(frozen=True)
