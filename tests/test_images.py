@@ -344,7 +344,8 @@ def test_draft_leaves_small_jpegs_and_reduces_other_formats_by_a_whole_factor():
     small = _save(_photo((400, 300)), "JPEG", quality=90)
     assert _open(small, draft_size=224)[0].size == (400, 300)  # half would be below 224
     png = _save(_photo((1600, 1200)), "PNG")
-    assert _open(png, draft_size=224)[0].size == (320, 240)  # 1/5: 1/6 would be below 224
+    # 1/2: 1/3 would make the short side 400, below twice the 224 (images.REDUCE_MARGIN).
+    assert _open(png, draft_size=224)[0].size == (800, 600)
     assert _open(png)[0].size == (1600, 1200)  # without a draft size, the whole picture
 
 
@@ -356,7 +357,7 @@ def test_a_huge_gif_is_reduced_right_after_decoding():
     data = _save(Image.new("P", (6300, 6300), 3), "GIF")
     image, info = _open(data, draft_size=224)
     assert (info.width, info.height) == (6300, 6300)  # the file's own size is still reported
-    assert min(image.size) >= 224 and max(image.size) <= 2 * 224
+    assert image.size == (450, 450)  # 1/14: at least 2 × 224, at most 4 × 224
     assert image.mode == "RGB"
 
 
@@ -374,15 +375,15 @@ def test_reduction_keeps_the_picture_of_every_mode(picture):
     data = _save(picture, "PNG")
     full, _ = _open(data)
     reduced, info = _open(data, draft_size=224)
-    assert reduced.size == (334, 250) and (info.width, info.height) == (2000, 1500)
+    assert reduced.size == (667, 500) and (info.width, info.height) == (2000, 1500)
     difference = to_model_input(full, 64).astype(int) - to_model_input(reduced, 64).astype(int)
     assert np.abs(difference).max() <= 2
 
 
 def test_reported_size_of_a_near_square_picture_survives_the_reduction():
-    # Reduced 28 times, both sides round to 225: the size must still be the file's own.
-    _image, info = _open(_save(Image.new("RGB", (6290, 6280)), "PNG"), draft_size=224)
-    assert (info.width, info.height) == (6290, 6280)
+    # Reduced 14 times, both sides round to 450: the size must still be the file's own.
+    image, info = _open(_save(Image.new("RGB", (6300, 6290)), "PNG"), draft_size=224)
+    assert image.size == (450, 450) and (info.width, info.height) == (6300, 6290)
 
 
 def _many_frames_gif(frames: int) -> bytes:

@@ -178,9 +178,10 @@ def open_image(
     JPEG is decoded at 1/2, 1/4 or 1/8 scale (in the DCT domain, so the whole file is still
     read and checked) as long as both sides stay at least ``draft_size``: a 12-megapixel phone
     photo then decodes as 504 × 378 pixels, several times faster. Other formats are decoded in
-    full and at once reduced by a whole factor (box averaging, ``Image.reduce``) under the same
-    rule, so a 6300 × 6300 GIF becomes 225 × 225 instead of staying 119 MB of RGB. The returned
-    image is that size; ``ImageInfo`` still reports the file's own.
+    full and at once reduced by a whole factor (box averaging, ``Image.reduce``) keeping both
+    sides at least twice ``draft_size`` (``REDUCE_MARGIN``), so a 6300 × 6300 GIF becomes
+    450 × 450 instead of staying 119 MB of RGB. The returned image is that size;
+    ``ImageInfo`` still reports the file's own.
     """
     max_bytes = imagetags_settings.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
     max_pixels = imagetags_settings.MAX_PIXELS if max_pixels is None else max_pixels
@@ -267,10 +268,17 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})
 
 
+# Sides a reduced picture keeps, in multiples of the draft size. Measured with MobileNetV2 on
+# 30 feedme-dev photos enlarged 4× and 9× (cosine to the vector of the full picture): keeping
+# 1× gives 0.992 (min 0.983), 2× gives 0.997 (min 0.996), as close as a JPEG draft does
+# (0.997), 3× 0.998. Two: the reduced picture stays under 4× the model input per side.
+REDUCE_MARGIN = 2
+
+
 def _reduce_to(image: Image.Image, draft_size: int) -> Image.Image:
-    """Shrink by the largest whole factor that keeps both sides at least ``draft_size`` (the
-    rule of a JPEG draft); the image itself when no factor of 2 or more fits."""
-    factor = min(image.size) // draft_size
+    """Shrink by the largest whole factor that keeps both sides at least ``REDUCE_MARGIN`` ×
+    ``draft_size``; the image itself when no factor of 2 or more fits."""
+    factor = min(image.size) // (REDUCE_MARGIN * draft_size)
     return image.reduce(factor) if factor >= 2 else image
 
 
