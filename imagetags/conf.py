@@ -75,6 +75,10 @@ DEFAULTS: dict[str, Any] = {
     # Upload limits.
     "MAX_UPLOAD_BYTES": 20 * 1024 * 1024,
     "MAX_PIXELS": 40_000_000,
+    # Most frames an animation (GIF, APNG, WebP) or multi-page TIFF may have. Only the first
+    # frame is used, and frames are counted only up to this cap: counting a GIF means reading
+    # every frame's header, and a small file can hold millions of tiny frames.
+    "MAX_FRAMES": 1000,
     "MAX_FILES_PER_POST": 10,
     "ALLOWED_FORMATS": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
     # Where StockImage files go inside the default storage (strftime codes allowed).

@@ -44,7 +44,6 @@ from django.core.files.storage import Storage
 from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from PIL import Image, UnidentifiedImageError
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
@@ -55,7 +54,7 @@ from imagetags.models import (
     StockImage,
     normalize_tag_name,
 )
-from imagetags.services.images import InvalidImage
+from imagetags.services.images import InvalidImage, stored_extension
 from imagetags.services.posts import (
     ShownSuggestion,
     create_post,
@@ -325,8 +324,6 @@ class PendingUploadError(ValueError):
 
 
 _PENDING_SALT = "imagetags.forms.PendingUpload"
-# Extensions by the format Pillow reads from the bytes (never the client's file name).
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 
 
 def _pending_storage() -> Storage:
@@ -335,15 +332,8 @@ def _pending_storage() -> Storage:
 
 
 def _extension(upload: Any) -> str:
-    try:
-        upload.seek(0)
-        with Image.open(upload) as image:  # reads the header only
-            fmt = (image.format or "").upper()
-    except (OSError, UnidentifiedImageError):
-        fmt = ""
-    finally:
-        upload.seek(0)
-    return _EXTENSIONS.get(fmt, fmt.lower() or "img")
+    # The format's, read from the bytes (never the client's file name), as for StockImage files.
+    return stored_extension(upload)
 
 
 @dataclass(frozen=True)

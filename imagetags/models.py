@@ -11,10 +11,12 @@ active set, so they never see a half-built one, and older sets are kept (``retir
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q
+from django.db.models.fields.files import ImageFieldFile
 from django.utils import timezone
 from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
@@ -127,33 +129,60 @@ UPLOAD_NAME_MAX_BYTES = 120
 
 
 def stock_image_upload_to(instance: StockImage, filename: str) -> str:
+    """Where a StockImage file goes: the ``UPLOAD_TO`` folder and the base name that
+    :class:`StoredImageFieldFile` made (:func:`safe_upload_name`, extension from the bytes)."""
     from imagetags.conf import imagetags_settings
 
-    return timezone.now().strftime(imagetags_settings.UPLOAD_TO) + safe_upload_name(filename)
+    return timezone.now().strftime(imagetags_settings.UPLOAD_TO) + filename
 
 
-def safe_upload_name(filename: str) -> str:
-    """The base name a client-supplied file name is stored under.
+def safe_upload_name(filename: str, extension: str) -> str:
+    """The base name a file is stored under: the client's name, made safe, with ``extension``.
 
-    Only the last path component counts: ``"../x.jpg"`` or ``"/etc/x.jpg"`` must not pick the
-    folder. NUL bytes and leading dots go (``".."`` must not fail the save, ``".htaccess"`` must
-    not land as a hidden file), and long names are shortened, keeping their extension.
+    ``extension`` is that of the format read from the file's bytes; the client's own extension
+    is dropped, because web servers pick the Content-Type from it (a PNG named ``evil.html``
+    would be served as a page). Only the last path component counts: ``"../x.jpg"`` or
+    ``"/etc/x.jpg"`` must not pick the folder. NUL bytes and leading dots go, dots inside the
+    stem become ``_`` (``x.php.png`` runs as PHP on some Apache set-ups), and long names are
+    shortened.
     """
     name = filename.replace("\\", "/").rsplit("/", 1)[-1].replace("\x00", "")
     name = name.strip().lstrip(".").strip()
-    stem, dot, suffix = name.rpartition(".")
-    if not dot or not stem:
-        stem, suffix = name, ""
-    suffix = suffix[:16]
-    budget = UPLOAD_NAME_MAX_BYTES - len(suffix.encode()) - 1
+    stem, dot, _client_extension = name.rpartition(".")
+    if not dot:
+        stem = name
+    stem = stem.replace(".", "_").strip()
+    budget = UPLOAD_NAME_MAX_BYTES - len(extension.encode()) - 1
     stem = stem.encode()[:budget].decode("utf-8", "ignore").strip()
-    name = f"{stem}.{suffix}" if stem and suffix else stem
-    return name or "image"
+    return f"{stem or 'image'}.{extension}"
+
+
+class StoredImageFieldFile(ImageFieldFile):
+    """A StockImage file, named on save with the extension of the format detected from its
+    bytes. Every way a file is saved (assigning it and saving the row, as forms, the API and
+    the admin do, or ``row.image.save(name, content)``) comes through here, so no path can
+    store a client's extension; a file whose format cannot be detected raises
+    ``images.InvalidImage`` before anything is written."""
+
+    def save(self, name: str, content: Any, save: bool = True) -> None:
+        from imagetags.services.images import stored_extension
+
+        super().save(safe_upload_name(name, stored_extension(content)), content, save)
+
+
+class StoredImageField(models.ImageField):
+    attr_class = StoredImageFieldFile
+
+    def deconstruct(self) -> tuple[str, str, list[Any], dict[str, Any]]:
+        # The column and its options are a plain ImageField's; only the naming on save
+        # differs, which migrations need not know about.
+        name, _path, args, kwargs = super().deconstruct()
+        return name, "django.db.models.ImageField", args, kwargs
 
 
 class StockImage(models.Model):
     post = models.ForeignKey(Post, on_delete=models.CASCADE, related_name="images")
-    image = models.ImageField(
+    image = StoredImageField(
         _("image"),
         upload_to=stock_image_upload_to,
         width_field="width",

@@ -1,7 +1,8 @@
 """Signal handlers, connected in ``ImageTagsConfig.ready()``.
 
 They never compute anything in the request: they enqueue a django-q2 task, with the image id
-only, once the surrounding transaction has committed (a rolled-back upload enqueues nothing).
+only, or delete a deleted image's file, once the surrounding transaction has committed (a
+rolled-back upload enqueues nothing, a rolled-back delete keeps its file).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.db import transaction
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save
 
 from imagetags.conf import imagetags_settings
 
@@ -56,9 +57,24 @@ def stock_image_saved(
     transaction.on_commit(lambda: enqueue_feature_extraction(image_id), robust=True)
 
 
+def stock_image_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    # Every StockImage owns its file (each save stores a new one), so the file goes with the
+    # row: whether the row went alone, through the admin, the API or a cascade from its Post.
+    from imagetags.services.stored_files import delete_stored_file
+
+    name = instance.image.name
+    if not name:
+        return
+    storage = instance.image.storage
+    transaction.on_commit(lambda: delete_stored_file(storage, name), using=kwargs.get("using"))
+
+
 def register_signal_handlers() -> None:
     from imagetags.models import StockImage
 
     post_save.connect(
         stock_image_saved, sender=StockImage, dispatch_uid="imagetags_stock_image_saved"
+    )
+    post_delete.connect(
+        stock_image_deleted, sender=StockImage, dispatch_uid="imagetags_stock_image_deleted"
     )

@@ -340,8 +340,109 @@ def test_draft_still_refuses_a_truncated_jpeg():
     assert "truncated" in _refusal(data[: len(data) // 2], draft_size=224)
 
 
-def test_draft_leaves_small_jpegs_and_other_formats_alone():
+def test_draft_leaves_small_jpegs_and_reduces_other_formats_by_a_whole_factor():
     small = _save(_photo((400, 300)), "JPEG", quality=90)
     assert _open(small, draft_size=224)[0].size == (400, 300)  # half would be below 224
     png = _save(_photo((1600, 1200)), "PNG")
-    assert _open(png, draft_size=224)[0].size == (1600, 1200)
+    # 1/2: 1/3 would make the short side 400, below twice the 224 (images.REDUCE_MARGIN).
+    assert _open(png, draft_size=224)[0].size == (800, 600)
+    assert _open(png)[0].size == (1600, 1200)  # without a draft size, the whole picture
+
+
+# -- memory inside MAX_PIXELS -----------------------------------------------------------------
+
+
+def test_a_huge_gif_is_reduced_right_after_decoding():
+    # 30 KB of GIF, 6300 × 6300 pixels: 119 MB as RGB if kept at full size.
+    data = _save(Image.new("P", (6300, 6300), 3), "GIF")
+    image, info = _open(data, draft_size=224)
+    assert (info.width, info.height) == (6300, 6300)  # the file's own size is still reported
+    assert image.size == (450, 450)  # 1/14: at least 2 × 224, at most 4 × 224
+    assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "picture",
+    [
+        Image.new("L", (2000, 1500), 90),
+        Image.new("RGBA", (2000, 1500), (200, 0, 0, 128)),  # half-transparent: onto white
+        Image.new("RGB", (2000, 1500), (10, 200, 30)).convert("P"),
+        Image.new("I;16", (2000, 1500), 40000),
+    ],
+    ids=["gray", "rgba", "palette", "16-bit"],
+)
+def test_reduction_keeps_the_picture_of_every_mode(picture):
+    data = _save(picture, "PNG")
+    full, _ = _open(data)
+    reduced, info = _open(data, draft_size=224)
+    assert reduced.size == (667, 500) and (info.width, info.height) == (2000, 1500)
+    difference = to_model_input(full, 64).astype(int) - to_model_input(reduced, 64).astype(int)
+    assert np.abs(difference).max() <= 2
+
+
+def test_reported_size_of_a_near_square_picture_survives_the_reduction():
+    # Reduced 14 times, both sides round to 450: the size must still be the file's own.
+    image, info = _open(_save(Image.new("RGB", (6300, 6290)), "PNG"), draft_size=224)
+    assert image.size == (450, 450) and (info.width, info.height) == (6300, 6290)
+
+
+def _many_frames_gif(frames: int) -> bytes:
+    pictures = [Image.new("P", (2, 2), i % 2) for i in range(frames)]
+    return _save(pictures[0], "GIF", save_all=True, append_images=pictures[1:], optimize=False)
+
+
+def _count_gif_seeks(monkeypatch) -> list[int]:
+    from PIL import GifImagePlugin
+
+    seeks: list[int] = []
+    real_seek = GifImagePlugin.GifImageFile._seek
+
+    def counting_seek(self, frame, *args, **kwargs):
+        seeks.append(frame)
+        return real_seek(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek", counting_seek)
+    return seeks
+
+
+def test_more_frames_than_max_frames_are_refused_counting_only_that_far(monkeypatch):
+    data = _many_frames_gif(3000)
+    assert Image.open(io.BytesIO(data)).n_frames == 3000
+    seeks = _count_gif_seeks(monkeypatch)
+    message = _refusal(data)  # the default cap, 1000
+    assert message == "The image has more than 1,000 frames; the limit is 1,000."
+    # Pillow's n_frames would read all 3000 frame headers; the cap stops after 1001 (and a
+    # rewind or two), whatever the file holds.
+    assert 1000 < len(seeks) < 1010
+
+
+def test_max_frames_is_a_setting(settings, monkeypatch):
+    settings.IMAGETAGS = {**getattr(settings, "IMAGETAGS", {}), "MAX_FRAMES": 10}
+    seeks = _count_gif_seeks(monkeypatch)
+    assert "more than 10 frames; the limit is 10" in _refusal(_many_frames_gif(50))
+    assert len(seeks) < 15
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "MAX_FRAMES": 50}
+    assert _open(_many_frames_gif(50))[1].frames == 50
+
+
+def test_frames_over_the_pixel_cap_stop_counting_there(monkeypatch):
+    # 100 × 100 × 3000 frames: the pixel cap (40,000 here) allows 4 frames, so counting stops
+    # at 5 (and one more header, to tell "exactly 5" from "at least 5").
+    frames = [Image.new("P", (100, 100), i % 2) for i in range(3000)]
+    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], optimize=False)
+    seeks = _count_gif_seeks(monkeypatch)
+    message = _refusal(data, max_pixels=40_000)
+    assert message == (
+        "The image is 100×100 pixels × at least 5 frames; the limit is 40,000 pixels."
+    )
+    assert len(seeks) < 10
+
+
+def test_multi_page_tiff_frames_are_capped(settings):
+    settings.IMAGETAGS = {**getattr(settings, "IMAGETAGS", {}), "MAX_FRAMES": 3}
+    pages = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(5)]
+    data = _save(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert "more than 3 frames; the limit is 3" in _refusal(data)
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "MAX_FRAMES": 5}
+    image, info = _open(data)
+    assert info.frames == 5 and image.getpixel((0, 0)) == (0, 0, 0)  # the first page

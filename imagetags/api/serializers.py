@@ -15,7 +15,7 @@ from imagetags.conf import imagetags_settings
 from imagetags.models import Cluster, ClusterSet, Post, PostTag, StockImage, Tag
 from imagetags.services.extractors import get_extractor
 from imagetags.services.images import InvalidImage
-from imagetags.services.posts import ShownSuggestion, validate_uploads
+from imagetags.services.posts import ShownSuggestion, validate_model_inputs
 from imagetags.services.suggest import MergedSuggestions, Suggestions
 from imagetags.services.tagging import InvalidTagName, clean_tag_name, parse_tag_input
 
@@ -103,10 +103,10 @@ class SuggestionRequestSerializer(SuggestionParamsSerializer):
 
     def validate_image(self, files: list[Any]) -> list[Image.Image]:
         # The upload rules of every other path (format from the bytes, pixel cap, file count),
-        # with the file at fault named; a bad file must not cost a forward pass. The decoded
-        # images (JPEGs at the model's scale) are what the view embeds: each file is decoded once.
+        # with the file at fault named; a bad file must not cost a forward pass. What the view
+        # embeds are the model inputs: each file is decoded once, and one at a time.
         try:
-            return validate_uploads(files, draft_size=get_extractor().decode_size)
+            return validate_model_inputs(files, get_extractor())
         except InvalidImage as exc:
             raise serializers.ValidationError(str(exc)) from None
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
 from django.db import transaction
@@ -28,8 +28,11 @@ from imagetags.models import (
     Tag,
     TagSource,
 )
-from imagetags.services.images import InvalidImage, open_image
+from imagetags.services.images import ImageInfo, InvalidImage, open_image
 from imagetags.services.tagging import add_tags, clean_tag_name
+
+if TYPE_CHECKING:
+    from imagetags.services.extractors.base import FeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -62,25 +65,63 @@ def discard_files_on_error(storage: Storage) -> Iterator[list[str]]:
         raise
 
 
-def validate_uploads(files: Sequence[Any], *, draft_size: int | None = None) -> list[Image.Image]:
-    """Open every file with the upload rules; :class:`InvalidImage` names the file at fault.
+def iter_uploads(
+    files: Sequence[Any], *, draft_size: int | None = None
+) -> Iterator[tuple[Image.Image, ImageInfo]]:
+    """Open the files one at a time with the upload rules, yielding each decoded image.
 
-    Returns the decoded images, so a caller that embeds them next (the suggestions endpoint)
-    decodes each file once; ``draft_size`` as in ``images.open_image``.
+    The file count is checked at once; each file is decoded only when the next item is asked
+    for, so a caller that lets go of one image before asking for the next never holds two.
+    :class:`InvalidImage` names the file at fault; ``draft_size`` as in ``images.open_image``.
     """
     if not files:
         raise InvalidImage("Choose at least one image.")
     limit = imagetags_settings.MAX_FILES_PER_POST
     if len(files) > limit:
         raise TooManyFiles(f"At most {limit} images per post; {len(files)} were sent.")
-    images = []
+    return _opened_one_by_one(files, draft_size)
+
+
+def _opened_one_by_one(
+    files: Sequence[Any], draft_size: int | None
+) -> Iterator[tuple[Image.Image, ImageInfo]]:
     for upload in files:
         try:
-            images.append(open_image(upload, draft_size=draft_size)[0])
+            # Yielded without a local name, so the generator keeps no reference to the image
+            # while the next file is decoded.
+            yield open_image(upload, draft_size=draft_size)
         except InvalidImage as exc:
             name = getattr(upload, "name", "") or "the file"
             raise InvalidImage(f"{name}: {exc}") from None
-    return images
+
+
+def validate_uploads(files: Sequence[Any], *, draft_size: int | None = None) -> list[ImageInfo]:
+    """Open every file with the upload rules; :class:`InvalidImage` names the file at fault.
+
+    Returns the facts about each file (format, size, frames), not the pixels: a request's
+    decoded uploads are never held all at once (ten 6300 × 6300 GIFs would be over a GB).
+    """
+    infos = []
+    for image, info in iter_uploads(files, draft_size=draft_size):
+        infos.append(info)
+        del image  # before the next file is decoded
+    return infos
+
+
+def validate_model_inputs(files: Sequence[Any], extractor: FeatureExtractor) -> list[Image.Image]:
+    """Validate uploads as :func:`validate_uploads` does, returning each as ``extractor``'s
+    model input (``extractor.prepare``, e.g. 224 × 224 RGB) ready to embed.
+
+    For a caller that checks every file before any forward pass (the API's suggestions) and
+    then embeds them: each file is decoded once, one at a time, and only what embedding needs
+    is kept, a few hundred KB per file however large the upload. ``prepare`` of a prepared
+    image gives the same array again, so embedding these gives the vectors of the files.
+    """
+    inputs = []
+    for image, _info in iter_uploads(files, draft_size=extractor.decode_size):
+        inputs.append(Image.fromarray(extractor.prepare(image), "RGB"))
+        del image  # before the next file is decoded
+    return inputs
 
 
 def create_post(
