@@ -76,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_BYTES": 20 * 1024 * 1024,
     "MAX_PIXELS": 40_000_000,
     "MAX_FILES_PER_POST": 10,
+    # Most tags on one post, on every path (form, API, admin, import_library, auto-tagging).
+    "MAX_TAGS_PER_POST": 50,
     "ALLOWED_FORMATS": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
     # Where StockImage files go inside the default storage (strftime codes allowed).
     "UPLOAD_TO": "imagetags/%Y/%m/",
@@ -88,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
     # steps; files older than PENDING_UPLOAD_MAX_AGE seconds are deleted at the next upload.
     "PENDING_UPLOAD_TO": "imagetags/pending/",
     "PENDING_UPLOAD_MAX_AGE": 3600,
+    # Seconds a suggestions token (the signed record of the suggestions a user was shown, which
+    # saving a post needs for feedback to count) stays valid.
+    "SUGGESTIONS_TOKEN_MAX_AGE": 3600,
     # REST API (imagetags.api, needs the `api` extra). Dotted paths, imported when a request
     # comes in. Authentication None: the site's REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
     "API_AUTHENTICATION_CLASSES": None,
