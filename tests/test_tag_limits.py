@@ -85,7 +85,7 @@ def test_manifests_refuse_a_line_and_a_post_over_the_limit(db, tmp_path, media_r
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     summary = import_manifest(tmp_path / "m.jsonl")
     reasons = {r.line: r.reason for r in summary.rejected}
-    assert reasons[1] == "51 tags; at most 50 per post (MAX_TAGS_PER_POST)"
+    assert reasons[1] == "the post would have 51 tags; at most 50 per post (MAX_TAGS_PER_POST)"
     for line in (2, 3):
         assert (
             reasons[line] == "the post would have 60 tags; at most 50 per post (MAX_TAGS_PER_POST)"
