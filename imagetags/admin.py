@@ -15,6 +15,7 @@ from django.contrib.admin import helpers
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -47,6 +48,7 @@ from imagetags.services.library_map import (
     nearest_clusters,
 )
 from imagetags.services.tag_admin import TagMergeError, annotate_usage, merge_tags
+from imagetags.services.tagging import TooManyTags, check_tag_count
 
 REBUILD_TASK = "imagetags.tasks.rebuild_clusters"
 REBUILD_GROUP = "imagetags-rebuild"
@@ -197,8 +199,28 @@ class TagSourceFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PostTagInlineFormSet(BaseInlineFormSet):
+    """A post's tags in the admin: at most ``MAX_TAGS_PER_POST`` (``tagging.check_tag_count``,
+    the limit of every other path), counted over the rows that stay after the save."""
+
+    def clean(self) -> None:
+        super().clean()
+        kept = [
+            form
+            for form in self.forms
+            if getattr(form, "cleaned_data", None)
+            and form.cleaned_data.get("tag")
+            and not form.cleaned_data.get("DELETE")
+        ]
+        try:
+            check_tag_count(len(kept))
+        except TooManyTags as exc:
+            raise forms.ValidationError(str(exc), code="too_many_tags") from None
+
+
 class PostTagInline(admin.TabularInline):
     model = PostTag
+    formset = PostTagInlineFormSet
     extra = 0
     autocomplete_fields = ["tag"]
     fields = ["tag", "source", "added_by", "created"]

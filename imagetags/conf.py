@@ -80,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
     # every frame's header, and a small file can hold millions of tiny frames.
     "MAX_FRAMES": 1000,
     "MAX_FILES_PER_POST": 10,
+    # Most tags on one post, on every path (form, API, admin, import_library, auto-tagging).
+    "MAX_TAGS_PER_POST": 50,
     "ALLOWED_FORMATS": ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
     # Where StockImage files go inside the default storage (strftime codes allowed).
     "UPLOAD_TO": "imagetags/%Y/%m/",
@@ -95,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
     # Most kept files per user (or per anonymous session) at once; keeping more drops that
     # user's oldest unsaved batches first (the newest batch is always kept).
     "MAX_PENDING_UPLOADS_PER_USER": 30,
+    # Seconds a suggestions token (the signed record of the suggestions a user was shown, which
+    # saving a post needs for feedback to count) stays valid.
+    "SUGGESTIONS_TOKEN_MAX_AGE": 3600,
     # REST API (imagetags.api, needs the `api` extra). Dotted paths, imported when a request
     # comes in. Authentication None: the site's REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
     "API_AUTHENTICATION_CLASSES": None,

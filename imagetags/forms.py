@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from django.utils.translation import gettext_lazy as _
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
-    ClusterSet,
     FeedbackChannel,
     PendingUploadBatch,
     Post,
@@ -55,11 +53,13 @@ from imagetags.models import (
     normalize_tag_name,
 )
 from imagetags.services.images import InvalidImage, stored_extension
-from imagetags.services.posts import (
+from imagetags.services.posts import create_post, discard_files_on_error, validate_uploads
+from imagetags.services.shown import (
+    InvalidSuggestionsToken,
+    ShownRecord,
     ShownSuggestion,
-    create_post,
-    discard_files_on_error,
-    validate_uploads,
+    read_token,
+    sign_shown,
 )
 from imagetags.services.suggest import (
     MergedSuggestions,
@@ -68,7 +68,12 @@ from imagetags.services.suggest import (
     SuggestionUnavailable,
     suggest_many,
 )
-from imagetags.services.tagging import InvalidTagName, clean_tag_name, parse_tag_input
+from imagetags.services.tagging import (
+    InvalidTagName,
+    clean_tag_name,
+    parse_tag_input,
+    too_many_tags_message,
+)
 from imagetags.widgets import TagSuggestionWidget
 
 logger = logging.getLogger(__name__)
@@ -113,8 +118,10 @@ class TagSelection(list[str]):
 
     It is a plain list of names for code that only wants the tags, and it also carries
     ``accepted`` (the names that came from suggestions), ``shown`` (every suggestion shown, in
-    rank order, for feedback), ``cluster_set_id`` and ``method`` (what answered), and
-    ``channel`` (``widget`` or ``form``).
+    rank order, for feedback), ``cluster_set_id`` and ``method`` (what answered), ``channel``
+    (``widget`` or ``form``) and ``token``, the signed record of what was shown
+    (``services.shown``). Read from a request, ``shown``, ``cluster_set_id`` and ``method`` come
+    from a valid token only (see :func:`parse_widget_state`).
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class TagSelection(list[str]):
         cluster_set_id: int | None = None,
         method: str = "",
         channel: str = FeedbackChannel.FORM,
+        token: str = "",
     ) -> None:
         super().__init__(names)
         self.accepted = list(accepted)
@@ -133,6 +141,12 @@ class TagSelection(list[str]):
         self.cluster_set_id = cluster_set_id
         self.method = method
         self.channel = channel
+        self.token = token
+
+    @property
+    def shown_record(self) -> ShownRecord:
+        """What ``create_post`` records feedback from."""
+        return ShownRecord(tuple(self.shown), self.cluster_set_id, self.method, self.token)
 
     @property
     def typed(self) -> list[str]:
@@ -150,26 +164,22 @@ class TagSelection(list[str]):
                 {"name": item.name, "score": item.score, "rank": item.rank} for item in self.shown
             ],
             "accepted": list(self.accepted),
+            "token": self.token,
         }
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-# A method name as SuggestionFeedback.method stores it ("cluster", "ivf"): short and plain.
-_METHOD_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def parse_widget_state(raw: str) -> TagSelection:
-    """Read the widget's hidden JSON (shown suggestions, accepted names, cluster set, channel).
+def parse_widget_state(raw: str, user: Any = None) -> TagSelection:
+    """Read the widget's hidden JSON (suggestions token, shown names, accepted names, channel).
 
-    The value comes from the client and only feeds feedback records, so anything malformed is
-    dropped rather than turned into an error that would block saving the person's post.
+    The value comes from the client. What was shown, the cluster set and the method are taken
+    from its ``token`` (``services.shown``), checked for ``user``: the client's own ``shown``
+    list can only narrow the token's items, never add to them, and without a valid token
+    nothing counts as shown. Anything malformed is dropped rather than turned into an error:
+    it only feeds feedback records and must not block saving the person's post.
     """
     try:
         data = json.loads(raw) if raw else {}
@@ -177,35 +187,32 @@ def parse_widget_state(raw: str) -> TagSelection:
         data = {}
     if not isinstance(data, dict):
         data = {}
-    shown: list[ShownSuggestion] = []
-    seen: set[str] = set()
-    for item in _list(data.get("shown")):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            continue
-        name = normalize_tag_name(item["name"])
-        if not name or name in seen:
-            continue
-        seen.add(name)
-        rank = item.get("rank")
-        shown.append(
-            ShownSuggestion(
-                name=name,
-                score=_number(item.get("score")),
-                rank=rank if isinstance(rank, int) and 0 < rank < 32768 else None,
-            )
-        )
+    token = data.get("token")
+    try:
+        record = read_token(token, user) if isinstance(token, str) and token else None
+    except InvalidSuggestionsToken:
+        record = None
+    channel = data.get("channel")
+    channel = channel if channel in FeedbackChannel.values else FeedbackChannel.FORM
+    if record is None:
+        return TagSelection(channel=channel)
+    if "shown" in data:
+        claimed = [
+            item["name"]
+            for item in _list(data["shown"])
+            if isinstance(item, dict) and isinstance(item.get("name"), str)
+        ]
+        record = record.narrowed(claimed)
     accepted = [
         normalize_tag_name(name) for name in _list(data.get("accepted")) if isinstance(name, str)
     ]
-    cluster_set = data.get("cluster_set")
-    method = data.get("method")
-    channel = data.get("channel")
     return TagSelection(
         accepted=accepted,
-        shown=shown,
-        cluster_set_id=cluster_set if isinstance(cluster_set, int) else None,
-        method=method if isinstance(method, str) and _METHOD_NAME.fullmatch(method) else "",
-        channel=channel if channel in FeedbackChannel.values else FeedbackChannel.FORM,
+        shown=record.items,
+        cluster_set_id=record.cluster_set_id,
+        method=record.method,
+        channel=channel,
+        token=token,
     )
 
 
@@ -219,26 +226,27 @@ class SuggestedTagsField(forms.Field):
     """
 
     widget = TagSuggestionWidget
-    default_error_messages = {
-        "too_many": _("At most %(limit)s tags; %(count)s were given."),
-    }
 
     def __init__(
         self,
         *,
         images_field: str | None = None,
         suggest_url: str | None = None,
-        max_tags: int = 50,
+        max_tags: int | None = None,
         **kwargs: Any,
     ) -> None:
         """``images_field``: name of the file input whose images get suggestions (default
-        ``images``); ``suggest_url``: the JSON view (default ``imagetags:suggestions``)."""
+        ``images``); ``suggest_url``: the JSON view (default ``imagetags:suggestions``);
+        ``max_tags``: the most names (default: the ``MAX_TAGS_PER_POST`` setting, read when the
+        field cleans a value). ``field.user`` is whom suggestions tokens are checked for
+        (``PostUploadForm`` sets it); without it only anonymous users' tokens count."""
         kwargs.setdefault(
             "help_text",
             _('Separate tags with commas; put a name with a comma in "double quotes".'),
         )
         super().__init__(**kwargs)
         self.max_tags = max_tags
+        self.user: Any = None
         if images_field is not None:
             self.widget.images_field = images_field
         if suggest_url is not None:
@@ -249,7 +257,7 @@ class SuggestedTagsField(forms.Field):
             return value
         if isinstance(value, dict):
             text, ticked = value.get("text") or "", value.get("ticked") or []
-            selection = parse_widget_state(value.get("state") or "")
+            selection = parse_widget_state(value.get("state") or "", self.user)
         elif isinstance(value, list | tuple):
             text, ticked, selection = "", list(value), TagSelection()
         else:
@@ -263,12 +271,9 @@ class SuggestedTagsField(forms.Field):
                 errors.append(forms.ValidationError(str(exc), code="invalid_tag"))
         if errors:
             raise forms.ValidationError(errors)
-        if len(names) > self.max_tags:
-            raise forms.ValidationError(
-                self.error_messages["too_many"],
-                code="too_many",
-                params={"limit": self.max_tags, "count": len(names)},
-            )
+        limit = imagetags_settings.MAX_TAGS_PER_POST if self.max_tags is None else self.max_tags
+        if len(names) > limit:
+            raise forms.ValidationError(too_many_tags_message(len(names), limit), code="too_many")
         shown_names = {item.name for item in selection.shown}
         # Ticked boxes are accepted suggestions too; anything not shown is simply a typed tag.
         candidates = selection.accepted + [normalize_tag_name(t) for t in ticked]
@@ -280,6 +285,7 @@ class SuggestedTagsField(forms.Field):
             cluster_set_id=selection.cluster_set_id,
             method=selection.method,
             channel=selection.channel,
+            token=selection.token,
         )
 
     def prepare_value(self, value: Any) -> Any:
@@ -554,6 +560,7 @@ class PostUploadForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.user = user
         self.session = session
+        self.fields["tags"].user = user
         self.pending_upload: PendingUpload | None = None
         self.suggestion_notice = ""
         self._pending_error = ""
@@ -622,6 +629,11 @@ class PostUploadForm(forms.Form):
         if not suggested and not notice:
             notice = str(_("No suggestions for these images: type the tags yourself."))
         shown = [ShownSuggestion(t.name, t.score, rank) for rank, t in enumerate(suggested, 1)]
+        token = (
+            sign_shown(suggested, cluster_set_id=cluster_set_id, method=method, user=self.user)
+            if suggested
+            else ""
+        )
         selection = TagSelection(
             tags,
             accepted=[],
@@ -629,6 +641,7 @@ class PostUploadForm(forms.Form):
             cluster_set_id=cluster_set_id,
             method=method,
             channel=FeedbackChannel.FORM,
+            token=token,
         )
         form = type(self)(
             initial={
@@ -652,11 +665,6 @@ class PostUploadForm(forms.Form):
         submission of the same token (a double click): a token makes at most one post.
         """
         tags: TagSelection = self.cleaned_data["tags"]
-        cluster_set = (
-            ClusterSet.objects.filter(pk=tags.cluster_set_id).first()
-            if tags.cluster_set_id
-            else None
-        )
         uses_kept = not self.cleaned_data.get("images") and self.pending_upload is not None
         with transaction.atomic():
             if uses_kept:
@@ -670,11 +678,9 @@ class PostUploadForm(forms.Form):
                     title=self.cleaned_data.get("title", ""),
                     typed_tags=tags,
                     accepted_tags=tags.accepted,
-                    shown=tags.shown,
+                    shown=tags.shown_record,
                     owner=self.user,
                     channel=tags.channel,
-                    cluster_set=cluster_set,
-                    method=tags.method if tags.shown else "",
                 )
             finally:
                 for item in files:

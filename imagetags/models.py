@@ -10,10 +10,13 @@ active set, so they never see a half-built one, and older sets are kept (``retir
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.db.models import Q
 from django.db.models.fields.files import ImageFieldFile
@@ -24,10 +27,87 @@ from django.utils.translation import gettext_lazy as _
 TAG_NAME_MAX_LENGTH = 100
 _WHITESPACE = re.compile(r"\s+")
 
+# Characters that only hide text and carry no meaning in a name: stripped, so that "food" and
+# "food\u200b" are one tag. Soft hyphen, Mongolian vowel separator, zero-width space, word
+# joiner, invisible math operators, byte-order mark (zero-width no-break space).
+_HIDDEN = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"))
+# Zero-width non-joiner and joiner do carry meaning: Persian and Indic scripts need them inside
+# words (Persian "می\u200cخواهم", Devanagari half forms), and emoji sequences are glued with ZWJ
+# ("👩\u200d💻"). Between two visible characters they stay; anywhere else (at the ends, next to a
+# space or to another invisible character) they can only hide text, so they are stripped.
+JOINERS = frozenset("\u200c\u200d")
+# Unicode categories refused in tag names: control (Cc), format (Cf: bidi overrides such as
+# U+202E, LRM/RLM, the "tag characters" U+E0000 block), private use (Co) and surrogates (Cs).
+# They are invisible or render differently per font, so two names that look the same could be
+# two tags, and a bidi override makes the admin show text in another order than it is stored.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs"})
+# Categories a joiner may stand next to: anything visible (letters, marks such as a virama or
+# an emoji's variation selector, digits, symbols, punctuation), not spaces or refused characters.
+_NOT_VISIBLE = REFUSED_CATEGORIES | {"Zs", "Zl", "Zp"}
+
+
+def _visible(ch: str) -> bool:
+    return not ch.isspace() and unicodedata.category(ch) not in _NOT_VISIBLE
+
+
+def _strip_loose_joiners(text: str) -> str:
+    if not JOINERS.intersection(text):
+        return text
+    kept = []
+    for i, ch in enumerate(text):
+        if ch in JOINERS and not (
+            0 < i < len(text) - 1 and _visible(text[i - 1]) and _visible(text[i + 1])
+        ):
+            continue
+        kept.append(ch)
+    return "".join(kept)
+
 
 def normalize_tag_name(name: str) -> str:
-    """Trim, lowercase and collapse inner whitespace: ``"  Cuba   Libre "`` -> ``"cuba libre"``."""
-    return _WHITESPACE.sub(" ", str(name)).strip().lower()
+    """The form a tag name is stored in: NFKC, hidden characters stripped, inner whitespace
+    collapsed, trimmed, lowercase: ``"  Cuba\u00a0  Libre\u200b "`` -> ``"cuba libre"``.
+
+    Characters that are refused rather than stripped (see :func:`tag_name_error`) are kept, so
+    the error can name them. Normalising a normalised name changes nothing.
+    """
+    text = unicodedata.normalize("NFKC", str(name)).translate(_HIDDEN)
+    text = _WHITESPACE.sub(" ", _strip_loose_joiners(text)).strip().lower()
+    # Lowercasing can leave a string that NFKC would write differently; normalise once more.
+    return unicodedata.normalize("NFKC", text)
+
+
+def _describe(ch: str) -> str:
+    code = f"U+{ord(ch):04X}"
+    name = unicodedata.name(ch, "")
+    if name:
+        return f"{code} {name}"
+    category = unicodedata.category(ch)
+    kind = {"Cc": "a control character", "Co": "a private-use character", "Cs": "a surrogate"}
+    return f"{code} ({kind.get(category, 'an invisible character')})"
+
+
+def tag_name_error(name: str) -> str | None:
+    """Why a *normalised* name cannot be a tag name, or ``None`` when it can.
+
+    Any visible text is allowed (it is always shown escaped); empty and invisible names, names
+    over ``TAG_NAME_MAX_LENGTH`` and names with characters of ``REFUSED_CATEGORIES`` are not.
+    """
+    if not name:
+        return "A tag name cannot be empty or invisible."
+    if len(name) > TAG_NAME_MAX_LENGTH:
+        return (
+            f"Tag names are at most {TAG_NAME_MAX_LENGTH} characters; "
+            f"{name[:20]!r}… has {len(name)}."
+        )
+    for ch in name:
+        if ch not in JOINERS and unicodedata.category(ch) in REFUSED_CATEGORIES:
+            # repr() escapes the character, so a bidi override cannot reorder the message.
+            return f"Tag name {name!r} contains {_describe(ch)}, which is not allowed in tags."
+    return None
+
+
+class InvalidTagName(ValueError):
+    """A tag name that cannot be stored; the message says why."""
 
 
 class Tag(models.Model):
@@ -43,18 +123,38 @@ class Tag(models.Model):
         return self.name
 
     def save(self, *args, **kwargs) -> None:
+        # The last line of defence: every path checks names before, but nothing may store one
+        # that the checks would refuse (Tag.objects.create included).
         self.name = normalize_tag_name(self.name)
+        error = tag_name_error(self.name)
+        if error:
+            raise InvalidTagName(error)
         if not self.slug:
             self.slug = self._unique_slug()
         super().save(*args, **kwargs)
 
+    def clean(self) -> None:
+        # Normalised here too, so that ModelForm's uniqueness check sees the stored name.
+        self.name = normalize_tag_name(self.name)
+        error = tag_name_error(self.name)
+        if error:
+            raise ValidationError({"name": error})
+
     def _unique_slug(self) -> str:
-        # Different names can share a slug ("c++" and "c"): suffix until free.
+        # Different names can share a slug ("c++" and "c"; every punctuation-only name is
+        # "tag"). On a collision the suffix comes from the name itself, so it is free at once
+        # (two queries, whatever the number of tags sharing the base); counting only happens
+        # when two names share both the base and the hash.
         base = slugify(self.name, allow_unicode=True)[:TAG_NAME_MAX_LENGTH] or "tag"
-        slug, n = base, 1
-        while Tag.objects.filter(slug=slug).exclude(pk=self.pk).exists():
+        taken = Tag.objects.exclude(pk=self.pk).filter
+        if not taken(slug=base).exists():
+            return base
+        digest = hashlib.sha256(self.name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        slug = f"{base}-{digest}"
+        n = 1
+        while taken(slug=slug).exists():
             n += 1
-            slug = f"{base}-{n}"
+            slug = f"{base[: TAG_NAME_MAX_LENGTH - 6]}-{digest}-{n}"
         return slug
 
 

@@ -28,6 +28,7 @@ from imagetags.forms import (
     unavailable_message,
 )
 from imagetags.services.images import InvalidImage
+from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable, suggest_many
 from imagetags.services.tagging import parse_tag_input
 
@@ -40,10 +41,12 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
 @csrf_protect
 def suggestions(request: HttpRequest) -> JsonResponse:
     """Suggested tags for one or more images, merged: ``POST`` multipart ``image`` (repeatable),
-    optional ``limit`` and ``exclude`` (tags as typed, e.g. the ones already chosen).
+    optional ``limit``, ``exclude`` (tags as typed, e.g. the ones already chosen) and
+    ``suggestions_token`` (the previous answer's, to merge).
 
     200 ``{"tags": [{"name", "score", "evidence", ...}], "cluster_set", "clusters", "extractor",
-    "method"}``;
+    "method", "suggestions_token"}`` (the signed record of what was shown, see
+    ``services.shown``);
     errors are ``{"error": "<a sentence>", "code": "..."}`` with 400 (no or invalid image, too
     many files, bad limit), 403 (not logged in, or no CSRF token), 413 (file too large) and 409
     (no clusters yet, or clusters of another extractor). The 409 comes before a file is decoded:
@@ -95,8 +98,18 @@ def suggestions(request: HttpRequest) -> JsonResponse:
     except SuggestionUnavailable as exc:
         code = "no_clusters" if isinstance(exc, NoActiveClusters) else "unavailable"
         return _error(409, code, unavailable_message(exc), detail=str(exc))
-    # The method travels with the suggestions (in the widget's state) into feedback records.
-    return JsonResponse({**merged.as_dict(), "method": suggestion_method(merged)})
+    # The signed record of what was shown (and by which set and method) travels with the
+    # suggestions, in the widget's state, into the feedback records; the page's previous token
+    # is merged in, so the latest one covers the chips kept from earlier answers.
+    method = suggestion_method(merged)
+    token = sign_shown(
+        merged.tags,
+        cluster_set_id=merged.cluster_set,
+        method=method,
+        user=request.user,
+        previous=request.POST.get("suggestions_token", ""),
+    )
+    return JsonResponse({**merged.as_dict(), "method": method, "suggestions_token": token})
 
 
 @method_decorator(csrf_protect, name="dispatch")

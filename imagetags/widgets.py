@@ -4,7 +4,8 @@ The widget renders three inputs under one name ``<name>``:
 
 - ``<name>``: the tags as text (``salmon, "cuba libre", rice``), like django-taggit;
 - ``<name>_suggestions``: hidden JSON kept by the script: which suggestions were shown (name,
-  score, rank), which were accepted, the cluster set that answered, and the channel;
+  score, rank), which were accepted, the cluster set that answered, the channel, and the
+  suggestions token (the server's signed record of what was shown; only it makes feedback count);
 - ``<name>_accept``: checkboxes, one per suggestion, on the no-JavaScript second step.
 
 A small dependency-free script (``static/imagetags/tag-suggestions.js``, shipped through
@@ -33,12 +34,16 @@ __all__ = ["TagSuggestionWidget", "format_tag_input"]
 def format_tag_input(names: Iterable[str]) -> str:
     """Tag names as text that ``parse_tag_input`` reads back into the same names.
 
-    Names with a comma or a space are quoted (``"cuba libre"``) and names are joined with
-    ``", "`` — django-taggit's ``edit_string_for_tags`` convention.
+    Names with a comma, a space or a double quote are quoted (``"cuba libre"``), a quote inside
+    doubled as in CSV (``a "b" c`` -> ``"a ""b"" c"``), and names are joined with ``", "`` —
+    django-taggit's ``edit_string_for_tags`` convention plus the escape. The script's
+    ``formatTags`` (``static/imagetags/tag-suggestions.js``) writes the same.
     """
     out = []
     for name in names:
-        out.append(f'"{name}"' if ("," in name or " " in name) else name)
+        if any(ch in name for ch in ',"') or any(ch.isspace() for ch in name):
+            name = '"' + name.replace('"', '""') + '"'
+        out.append(name)
     return ", ".join(out)
 
 

@@ -33,7 +33,8 @@ from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
 from imagetags.services.images import InvalidImage, open_image
-from imagetags.services.suggest import NoActiveClusters, suggest, suggest_many
+from imagetags.services.shown import sign_shown
+from imagetags.services.suggest import NoActiveClusters, SuggestedTag, suggest, suggest_many
 
 from .conftest import PROJECT_ROOT, image_bytes
 
@@ -496,8 +497,17 @@ def test_posts_list_and_retrieve_with_image_urls_and_tag_sources(api, make_post)
         assert (item["width"], item["height"]) == (48, 32)
 
 
-def test_create_post_records_tag_sources_and_feedback(api, user, two_topics, media_root):
-    shown = [{"name": "soup", "score": 0.8}, {"name": "Bowl", "score": 0.5}, "red"]
+def test_create_post_records_tag_sources_and_feedback(api, user, two_topics, media_root, settings):
+    # The token of the suggestion response: "red" no longer exists as a tag, "bowl" is created
+    # by being accepted. The method recorded is the token's, not today's setting.
+    token = sign_shown(
+        [SuggestedTag("soup", 0.8, 4, 5, ""), SuggestedTag("Bowl", 0.5, 2, 5, "")]
+        + [SuggestedTag("red", 0.3, 1, 5, "")],
+        cluster_set_id=two_topics.pk,
+        method="cluster",
+        user=user,
+    )
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "SUGGEST_METHOD": "ivf"}
     response = api.post(
         url("post-list"),
         {
@@ -505,8 +515,7 @@ def test_create_post_records_tag_sources_and_feedback(api, user, two_topics, med
             "title": "Lunch",
             "tags": 'tomato, "cuba libre"',
             "suggested_tags": ["soup", "bowl"],
-            "shown_suggestions": json.dumps(shown),
-            "cluster_set": str(two_topics.pk),
+            "suggestions_token": token,
         },
     )
     assert response.status_code == 201, response.content
@@ -527,10 +536,10 @@ def test_create_post_records_tag_sources_and_feedback(api, user, two_topics, med
     assert [(f.tag.name, f.accepted, f.rank, f.score) for f in feedback] == [
         ("soup", True, 1, 0.8),
         ("bowl", True, 2, 0.5),
-        ("red", False, 3, None),
     ]
-    assert {(f.channel, f.user_id, f.cluster_set_id) for f in feedback} == {
-        ("api", user.pk, two_topics.pk)
+    assert not Tag.objects.filter(name="red").exists()
+    assert {(f.channel, f.user_id, f.cluster_set_id, f.method) for f in feedback} == {
+        ("api", user.pk, two_topics.pk, "cluster")
     }
 
 
@@ -541,15 +550,30 @@ def test_create_post_records_tag_sources_and_feedback(api, user, two_topics, med
         ({"suggested_tags": "fine, bad\x01tag"}, "suggested_tags"),
         ({"shown_suggestions": "{not json"}, "shown_suggestions"),
         ({"shown_suggestions": '[{"score": 1}]'}, "shown_suggestions"),
-        ({"cluster_set": "999999"}, "cluster_set"),
+        ({"shown_suggestions": '["soup"]'}, "shown_suggestions"),
+        ({"suggestions_token": "forged"}, "suggestions_token"),
+        ({"tags": ",".join(f"t{i}" for i in range(3000))}, "tags"),
+        ({"tags": "a, b, c", "suggested_tags": ",".join(f"s{i}" for i in range(48))}, "tags"),
+        ({"shown_suggestions": json.dumps([f"s{i}" for i in range(3000)])}, "shown_suggestions"),
     ],
-    ids=["long-tag", "control-char", "bad-json", "no-name", "unknown-set"],
+    ids=[
+        "long-tag",
+        "control-char",
+        "bad-json",
+        "no-name",
+        "shown-without-token",
+        "forged-token",
+        "3000-tags",
+        "51-tags-together",
+        "3000-shown",
+    ],
 )
 def test_create_post_bad_fields_save_nothing(api, media_root, fields, field):
     response = api.post(url("post-list"), {"images": upload(), **fields})
     assert response.status_code == 400
     assert list(response.json()) == [field]
     assert not Post.objects.exists() and stored_files(media_root) == []
+    assert not Tag.objects.exists() and not SuggestionFeedback.objects.exists()
 
 
 def test_create_post_with_a_bad_image_saves_nothing(api, media_root):

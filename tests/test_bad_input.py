@@ -378,8 +378,8 @@ BAD_TAGS = [
     ("", "cannot be empty"),
     ("   \t  ", "cannot be empty"),
     ("x" * (TAG_NAME_MAX_LENGTH + 1), f"at most {TAG_NAME_MAX_LENGTH} characters"),
-    ("nul\x00byte", "control characters"),
-    ("bell\x07", "control characters"),
+    ("nul\x00byte", r"U\+0000 \(a control character\)"),
+    ("bell\x07", r"U\+0007 \(a control character\)"),
 ]
 
 
@@ -417,10 +417,12 @@ def test_manifest_tag_names_are_checked_like_typed_ones(db, tmp_path, media_root
     (library / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     summary = import_manifest(library / "m.jsonl")
     assert summary.imported == 0 and len(summary.rejected) == 3
+    # The same sentences as typed input (tagging.clean_tag_name), numbered by position.
     assert [r.reason for r in summary.rejected] == [
-        "tag #2 is empty",
-        "tag #2 is empty",
-        f"tag #2 is longer than {TAG_NAME_MAX_LENGTH} characters",
+        "tag #2: A tag name cannot be empty or invisible.",
+        "tag #2: A tag name cannot be empty or invisible.",
+        f"tag #2: Tag names are at most {TAG_NAME_MAX_LENGTH} characters; "
+        f"{'x' * 20!r}… has {TAG_NAME_MAX_LENGTH + 1}.",
     ]
     _nothing_saved(media_root)
 

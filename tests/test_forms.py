@@ -22,7 +22,8 @@ from imagetags.forms import (
     TagSelection,
     parse_widget_state,
 )
-from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback
+from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag
+from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import SuggestedTag
 from imagetags.services.tagging import parse_tag_input
 from imagetags.widgets import TagSuggestionWidget, format_tag_input
@@ -48,13 +49,28 @@ def pending_files(root: Path) -> list[Path]:
     return stored_files(root / "imagetags" / "pending")
 
 
-def state(shown: list[str], accepted: list[str], channel: str = "widget", cluster_set=None):
+def state(
+    shown: list[str],
+    accepted: list[str],
+    channel: str = "widget",
+    cluster_set=None,
+    user=None,
+    method: str = "cluster",
+):
+    """The widget's hidden state, with the token the suggestions view would have given ``user``."""
+    token = sign_shown(
+        [SuggestedTag(n, 0.5, 1, 2, "") for n in shown],
+        cluster_set_id=cluster_set,
+        method=method,
+        user=user,
+    )
     return json.dumps(
         {
             "channel": channel,
             "cluster_set": cluster_set,
             "shown": [{"name": n, "score": 0.5, "rank": i} for i, n in enumerate(shown, 1)],
             "accepted": accepted,
+            "token": token,
         }
     )
 
@@ -120,7 +136,7 @@ def test_field_refuses_bad_names_and_too_many():
     field = SuggestedTagsField(max_tags=3)
     with pytest.raises(forms.ValidationError, match="at most 100 characters"):
         field.clean({"text": "ok, " + "x" * 101, "ticked": [], "state": ""})
-    with pytest.raises(forms.ValidationError, match="At most 3 tags; 4 were given"):
+    with pytest.raises(forms.ValidationError, match="At most 3 tags per post; 4 were given"):
         field.clean({"text": "a, b, c, d", "ticked": [], "state": ""})
     with pytest.raises(forms.ValidationError, match="required"):
         field.clean({"text": " , ", "ticked": [], "state": ""})
@@ -329,13 +345,16 @@ def test_upload_page_renders_the_widget_and_the_no_js_step(admin_client):
 
 def test_widget_submission_saves_sources_and_feedback(admin_client, admin_user, media_root):
     """What the chips' script sends: the text and the hidden state (channel "widget")."""
+    Tag.objects.create(name="soup")  # suggestions are made from the library's existing tags
     response = admin_client.post(
         UPLOAD_URL,
         {
             "images": [red_photo("a.jpg"), red_photo("b.jpg", seed=2)],
             "title": "Dinner",
             "tags": 'tomato, red, "sunday lunch"',
-            "tags_suggestions": state(["tomato", "red", "soup"], ["tomato", "red"]),
+            "tags_suggestions": state(
+                ["tomato", "red", "soup"], ["tomato", "red"], user=admin_user
+            ),
             "step": "save",
         },
     )
@@ -528,7 +547,11 @@ def test_second_step_form_can_replace_the_kept_images(admin_client, media_root):
 
 def test_upload_form_can_be_used_directly(db, admin_user, media_root):
     form = PostUploadForm(
-        data={"title": "T", "tags": "a, b", "tags_suggestions": state(["a"], ["a"], "form")},
+        data={
+            "title": "T",
+            "tags": "a, b",
+            "tags_suggestions": state(["a"], ["a"], "form", user=admin_user),
+        },
         files={"images": [red_photo()]},
         user=admin_user,
     )

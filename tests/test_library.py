@@ -194,9 +194,12 @@ def test_symlink_inside_the_folder_is_allowed(lib: Path) -> None:
         ('{"path": "missing.jpg", "tags": []}', "does not exist"),
         ('{"path": "text.jpg", "tags": []}', "not an image"),
         ('{"path": "a.jpg", "tags": "x"}', "must be a list"),
-        ('{"path": "a.jpg", "tags": ["ok", "   "]}', "tag #2 is empty"),
+        ('{"path": "a.jpg", "tags": ["ok", "   "]}', "tag #2: A tag name cannot be empty"),
         ('{"path": "a.jpg", "tags": [7]}', "tag #1 is not a string"),
-        ('{"path": "a.jpg", "tags": ["' + "x" * 101 + '"]}', "longer than 100"),
+        (
+            '{"path": "a.jpg", "tags": ["' + "x" * 101 + '"]}',
+            "tag #1: Tag names are at most 100 characters",
+        ),
         ('{"path": "a.jpg", "post": 3}', '"post" must be a string'),
     ],
     ids=[

@@ -37,8 +37,10 @@ def test_create_post_saves_images_tags_with_sources_and_feedback(db, make_upload
         "bowl": "suggested",
         "tomato": "typed",
     }
+    # "red" was shown but is no tag (any more): no feedback row, and no Tag row made for it.
     feedback = dict(SuggestionFeedback.objects.values_list("tag__name", "accepted"))
-    assert feedback == {"soup": True, "bowl": True, "red": False}
+    assert feedback == {"soup": True, "bowl": True}
+    assert not Tag.objects.filter(name="red").exists()
 
 
 def test_a_bad_file_saves_nothing(db, make_upload, media_root):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from imagetags.models import PostTag, Tag, TagSource, normalize_tag_name
@@ -27,7 +29,8 @@ def test_tag_names_are_normalised(db, raw, expected):
 
 def test_tag_slugs_stay_unique(db):
     first, second = Tag.objects.create(name="c++"), Tag.objects.create(name="c")
-    assert first.slug == "c" and second.slug == "c-2"
+    # On a collision the suffix is a short hash of the name: free at once, and stable.
+    assert first.slug == "c" and re.fullmatch(r"c-[0-9a-f]{8}", second.slug)
 
 
 @pytest.mark.parametrize(
@@ -46,11 +49,11 @@ def test_parse_tag_input_like_taggit(text, expected):
 
 
 def test_clean_tag_name_refuses_empty_long_and_control_characters():
-    with pytest.raises(InvalidTagName, match="cannot be empty"):
+    with pytest.raises(InvalidTagName, match="cannot be empty or invisible"):
         clean_tag_name("   ")
     with pytest.raises(InvalidTagName, match="at most 100 characters"):
         clean_tag_name("x" * 101)
-    with pytest.raises(InvalidTagName, match="control characters"):
+    with pytest.raises(InvalidTagName, match=r"U\+0000 \(a control character\)"):
         clean_tag_name("bad\x00name")
     assert clean_tag_name("<img src=x onerror=alert(1)>") == "<img src=x onerror=alert(1)>"
 

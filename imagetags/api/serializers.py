@@ -12,17 +12,37 @@ from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from imagetags.conf import imagetags_settings
-from imagetags.models import Cluster, ClusterSet, Post, PostTag, StockImage, Tag
+from imagetags.models import Cluster, Post, PostTag, StockImage, Tag
 from imagetags.services.extractors import get_extractor
 from imagetags.services.images import InvalidImage
-from imagetags.services.posts import ShownSuggestion, validate_model_inputs
+from imagetags.services.posts import validate_model_inputs
+from imagetags.services.shown import (
+    MAX_SHOWN_SUGGESTIONS,
+    InvalidSuggestionsToken,
+    ShownRecord,
+    read_token,
+)
 from imagetags.services.suggest import MergedSuggestions, Suggestions
-from imagetags.services.tagging import InvalidTagName, clean_tag_name, parse_tag_input
+from imagetags.services.tagging import (
+    InvalidTagName,
+    clean_tag_name,
+    max_tags_per_post,
+    parse_tag_input,
+    too_many_tags_message,
+)
 
 from .uploads import check_upload_size
 
-# A page of suggestion chips; asking for more is a client bug worth reporting.
-MAX_SUGGEST_LIMIT = 100
+# A page of suggestion chips; asking for more is a client bug worth reporting. A suggestions
+# token holds at most this many items, so it is also the most `shown_suggestions` can name.
+MAX_SUGGEST_LIMIT = MAX_SHOWN_SUGGESTIONS
+
+SUGGESTIONS_TOKEN_HELP = (
+    "The signed record of the suggestions shown: their names, ranks and scores, the cluster set "
+    "and the method that answered, bound to the user who asked and valid for "
+    "SUGGESTIONS_TOKEN_MAX_AGE seconds. Send it unchanged with the post (suggestions_token) for "
+    "the suggestions to count as shown; nothing else can."
+)
 
 
 class UploadListField(serializers.ListField):
@@ -100,6 +120,14 @@ class SuggestionRequestSerializer(SuggestionParamsSerializer):
     image = UploadListField(
         help_text="The image; repeat the field for the images of one post (suggestions merge)."
     )
+    suggestions_token = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=100_000,
+        help_text="The suggestions_token of an earlier answer for the same post: the new token "
+        "also covers its suggestions (same cluster set and method), so the latest token is the "
+        "only one to send with the post. An invalid one is ignored.",
+    )
 
     def validate_image(self, files: list[Any]) -> list[Image.Image]:
         # The upload rules of every other path (format from the bytes, pixel cap, file count),
@@ -134,6 +162,7 @@ class SuggestionsSerializer(serializers.Serializer):
     )
     cluster_set = serializers.IntegerField(help_text="The cluster set (version) that answered.")
     extractor = serializers.CharField(help_text="Key of the feature extractor.")
+    suggestions_token = serializers.CharField(help_text=SUGGESTIONS_TOKEN_HELP)
 
     def to_representation(self, instance: Suggestions | MergedSuggestions) -> dict[str, Any]:
         # Built directly from the service's dataclasses: the declared fields above describe the
@@ -149,6 +178,8 @@ class SuggestionsSerializer(serializers.Serializer):
             "clusters": [result.cluster for result in per_image],
             "cluster_set": per_image[0].cluster_set,
             "extractor": per_image[0].extractor,
+            # Signed by the view, which knows the user (services.shown.sign_shown).
+            "suggestions_token": self.context.get("suggestions_token", ""),
         }
 
 
@@ -201,37 +232,65 @@ class PostCreateSerializer(serializers.Serializer):
     title = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     tags = TagListField(help_text="Tags the person typed (source typed).")
     suggested_tags = TagListField(
-        help_text="Suggestions the person accepted (source suggested; wins over tags)."
+        help_text="Suggestions the person accepted (source suggested; wins over tags). Together "
+        "with tags at most MAX_TAGS_PER_POST names."
+    )
+    suggestions_token = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=100_000,
+        help_text="The suggestions_token of the suggestion response the person was shown. One "
+        "feedback row (accepted or not) is saved per suggestion it lists, with the cluster set "
+        "and method that answered. A tampered, expired or another user's token is a 400.",
     )
     shown_suggestions = serializers.JSONField(
         required=False,
         help_text=(
-            'JSON list of the suggestions that were shown: names, or objects {"name", "score", '
-            '"rank"}; rank defaults to the position. One feedback row is saved per item.'
+            "Optional JSON list narrowing the token's suggestions to those still shown when the "
+            'post was saved: names, or objects {"name", ...}. Names not in the token are '
+            "dropped; ranks and scores come from the token. Needs suggestions_token."
         ),
     )
-    cluster_set = serializers.PrimaryKeyRelatedField(
-        queryset=ClusterSet.objects.all(),
-        required=False,
-        allow_null=True,
-        help_text="The cluster_set of the suggestion response the shown suggestions came from.",
-    )
 
-    def validate_shown_suggestions(self, value: Any) -> list[ShownSuggestion]:
+    def validate_shown_suggestions(self, value: Any) -> list[str]:
         if not isinstance(value, list):
             raise serializers.ValidationError("Expected a JSON list of names or objects.")
+        if len(value) > MAX_SHOWN_SUGGESTIONS:
+            raise serializers.ValidationError(
+                f"At most {MAX_SHOWN_SUGGESTIONS} suggestions can have been shown; "
+                f"{len(value)} were sent."
+            )
         items = [{"name": item} if isinstance(item, str) else item for item in value]
         nested = ShownSuggestionSerializer(data=items, many=True)
         if not nested.is_valid():
             raise serializers.ValidationError(nested.errors)
-        return [
-            ShownSuggestion(
-                name=item["name"],
-                score=item.get("score"),
-                rank=item.get("rank") or position,
-            )
-            for position, item in enumerate(nested.validated_data, start=1)
-        ]
+        return [item["name"] for item in nested.validated_data]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        count = len(dict.fromkeys([*attrs.get("suggested_tags", []), *attrs.get("tags", [])]))
+        if count > max_tags_per_post():
+            raise serializers.ValidationError({"tags": [too_many_tags_message(count)]})
+        token = attrs.pop("suggestions_token", "")
+        claimed = attrs.pop("shown_suggestions", None)
+        if not token:
+            if claimed:
+                raise serializers.ValidationError(
+                    {
+                        "shown_suggestions": [
+                            "Send the suggestions_token of the suggestion response these "
+                            "came from; without it nothing counts as shown."
+                        ]
+                    }
+                )
+            attrs["shown"] = ShownRecord()
+            return attrs
+        request = self.context.get("request")
+        try:
+            record = read_token(token, getattr(request, "user", None))
+        except InvalidSuggestionsToken as exc:
+            raise serializers.ValidationError({"suggestions_token": [str(exc)]}) from None
+        attrs["shown"] = record.narrowed(claimed)
+        return attrs
 
 
 class ClusterTagSerializer(serializers.Serializer):

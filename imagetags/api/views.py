@@ -53,11 +53,13 @@ from imagetags.models import (
 )
 from imagetags.services.images import InvalidImage
 from imagetags.services.posts import create_post
+from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import (
+    MergedSuggestions,
+    Suggestions,
     SuggestionUnavailable,
     suggest,
     suggest_many,
-    suggest_method,
 )
 
 from .serializers import (
@@ -220,6 +222,20 @@ def errors(*codes: int) -> dict[int, OpenApiResponse]:
     return {code: ERROR_RESPONSES[code] for code in (*codes, 401, 403, 429)}
 
 
+def suggestions_body(
+    result: Suggestions | MergedSuggestions, request: Request, previous: str = ""
+) -> dict[str, Any]:
+    """The response body, with the signed record of what it shows (``services.shown``)."""
+    token = sign_shown(
+        result.tags,
+        cluster_set_id=result.cluster_set,
+        method=result.method or "",
+        user=request.user,
+        previous=previous,
+    )
+    return SuggestionsSerializer(result, context={"suggestions_token": token}).data
+
+
 class SuggestionView(ImageTagsAPIMixin, GenericAPIView):
     """Suggested tags for uploaded images (nothing is saved)."""
 
@@ -241,12 +257,13 @@ class SuggestionView(ImageTagsAPIMixin, GenericAPIView):
         params.is_valid(raise_exception=True)
         options = dict(params.validated_data)
         files = options.pop("image")
+        previous = options.pop("suggestions_token", "")
         with service_errors("image"):
             if len(files) == 1:
                 result = suggest(files[0], **options)
             else:
                 result = suggest_many(files, **options)
-        return Response(SuggestionsSerializer(result).data)
+        return Response(suggestions_body(result, request, previous))
 
 
 class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
@@ -278,7 +295,7 @@ class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
                     f"Image {image.pk} has no current feature vector and its file cannot be "
                     f"read: {exc}"
                 ) from exc
-        return Response(SuggestionsSerializer(result).data)
+        return Response(suggestions_body(result, request))
 
 
 @extend_schema_view(
@@ -312,8 +329,10 @@ class TagViewSet(ImageTagsAPIMixin, viewsets.ReadOnlyModelViewSet):
     create=extend_schema(
         summary="Create a post from uploaded images and tags",
         description="Saves the images, the typed `tags` (source typed) and the accepted "
-        "`suggested_tags` (source suggested), and one feedback row per item of "
-        "`shown_suggestions`. All or nothing: a bad file or tag saves no row and no file.",
+        "`suggested_tags` (source suggested), at most MAX_TAGS_PER_POST together, and one "
+        "feedback row per suggestion listed in `suggestions_token` (the signed record a "
+        "suggestion response returned; `shown_suggestions` may narrow it). All or nothing: a "
+        "bad file, tag or token saves no row and no file.",
         request={"multipart/form-data": PostCreateSerializer},
         responses={201: PostSerializer, **errors(400, 413, 415)},
         parameters=[RETRY_AFTER],
@@ -335,18 +354,15 @@ class PostViewSet(ImageTagsAPIMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
         params = self.get_serializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        shown = data.get("shown_suggestions", [])
         with service_errors("images"):
             post = create_post(
                 files=data["images"],
                 title=data["title"],
                 typed_tags=data["tags"],
                 accepted_tags=data["suggested_tags"],
-                shown=shown,
+                shown=data["shown"],
                 owner=request.user,
                 channel=FeedbackChannel.API,
-                cluster_set=data.get("cluster_set"),
-                method=suggest_method() if shown else "",
             )
         post = self.get_queryset().get(pk=post.pk)
         body = PostSerializer(post, context=self.get_serializer_context()).data

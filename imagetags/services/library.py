@@ -32,16 +32,9 @@ from typing import Any
 from django.core.files import File
 from django.db import DatabaseError, transaction
 
-from imagetags.models import (
-    TAG_NAME_MAX_LENGTH,
-    Post,
-    PostTag,
-    StockImage,
-    Tag,
-    TagSource,
-    normalize_tag_name,
-)
+from imagetags.models import InvalidTagName, Post, StockImage, TagSource
 from imagetags.services.images import InvalidImage, file_sha256, open_image
+from imagetags.services.tagging import add_tags, clean_tag_name, max_tags_per_post
 from imagetags.signal_handlers import feature_tasks_suspended
 
 logger = logging.getLogger(__name__)
@@ -131,8 +124,8 @@ class ImportSummary:
 def parse_manifest(manifest: str | os.PathLike, *, limit: int | None = None) -> list[ManifestEntry]:
     """Read and check every line of a manifest; bad lines come back with ``errors`` set.
 
-    Checks the JSON, the keys and their types, tag names (normalised like ``Tag.save``; empty
-    names and names over ``TAG_NAME_MAX_LENGTH`` are errors) and that ``path`` names an existing
+    Checks the JSON, the keys and their types, tag names (``tagging.clean_tag_name``, the rules
+    of every path) and that ``path`` names an existing
     file inside the manifest's folder. Images are not decoded here (the import and the
     evaluation open them with ``images.open_image``).
     Blank lines are ignored. ``limit`` reads only the first ``limit`` entries.
@@ -237,13 +230,13 @@ def _parse_tags(value: Any, errors: list[str]) -> tuple[str, ...]:
         if not isinstance(raw, str):
             errors.append(f"tag #{position} is not a string")
             continue
-        name = normalize_tag_name(raw)
-        if not name:
-            errors.append(f"tag #{position} is empty")
-        elif len(name) > TAG_NAME_MAX_LENGTH:
-            errors.append(f"tag #{position} is longer than {TAG_NAME_MAX_LENGTH} characters")
-        else:
-            names[name] = None
+        try:
+            # The rules of every other path (typed, API, admin, Tag.save).
+            names[clean_tag_name(raw)] = None
+        except InvalidTagName as exc:
+            errors.append(f"tag #{position}: {exc}")
+    # MAX_TAGS_PER_POST is checked by the import, per post (the union of its lines), not here:
+    # evaluate_suggestions reads manifests too, and a dataset's long posts are data to measure.
     return tuple(names)
 
 
@@ -353,6 +346,22 @@ class _Importer:
         self.seen: set[str] = set()  # checksums this run has imported or found present
 
     def import_post(self, group: list[ManifestEntry]) -> None:
+        key = group[0].post
+        import_key = f"{self.summary.namespace}:{key}" if key is not None else ""
+        existing = Post.objects.filter(import_key=import_key).first() if import_key else None
+        tags = post_tags(group)
+        # Checked before any file is read: the lines of a post are rejected together, and an
+        # existing post's tags count too (MAX_TAGS_PER_POST, as on every path).
+        present = set(existing.tags.values_list("name", flat=True)) if existing else set()
+        count = len(present | set(tags))
+        if count > max_tags_per_post():
+            reason = (
+                f"the post would have {count} tags; at most {max_tags_per_post()} per post "
+                "(MAX_TAGS_PER_POST)"
+            )
+            for entry in group:
+                self._reject(entry, "; ".join(entry.errors) if not entry.ok else reason)
+            return
         new_images: list[tuple[ManifestEntry, str]] = []
         for entry in group:
             if not entry.ok:
@@ -378,10 +387,6 @@ class _Importer:
             self.seen.add(sha256)
             new_images.append((entry, sha256))
 
-        key = group[0].post
-        import_key = f"{self.summary.namespace}:{key}" if key is not None else ""
-        existing = Post.objects.filter(import_key=import_key).first() if import_key else None
-        tags = post_tags(group)
         if existing is None and not new_images:
             return  # nothing new: do not create an empty post
         if self.dry_run:
@@ -413,13 +418,7 @@ class _Importer:
                 if existing is not None and owner and not existing.external_owner:
                     post.external_owner = owner
                     post.save(update_fields=["external_owner"])
-                tags_added = 0
-                for name in tags:
-                    tag, _ = Tag.objects.get_or_create(name=name)
-                    _, created = PostTag.objects.get_or_create(
-                        post=post, tag=tag, defaults={"source": TagSource.IMPORTED}
-                    )
-                    tags_added += created
+                tags_added = len(add_tags(post, tags, source=TagSource.IMPORTED))
                 for entry, _sha256 in new_images:
                     image = StockImage(post=post)
                     with open(entry.file, "rb") as fh:

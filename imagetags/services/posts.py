@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
@@ -29,21 +28,15 @@ from imagetags.models import (
     TagSource,
 )
 from imagetags.services.images import ImageInfo, InvalidImage, open_image
-from imagetags.services.tagging import add_tags, clean_tag_name
+from imagetags.services.shown import MAX_SHOWN_SUGGESTIONS, ShownRecord, ShownSuggestion
+from imagetags.services.tagging import add_tags, check_tag_count, clean_tag_name
+
+__all__ = ["ShownSuggestion", "TooManyFiles", "create_post", "record_feedback", "validate_uploads"]
 
 if TYPE_CHECKING:
     from imagetags.services.extractors.base import FeatureExtractor
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShownSuggestion:
-    """A suggestion as it was shown to the person (for feedback records)."""
-
-    name: str
-    score: float | None = None
-    rank: int | None = None
 
 
 class TooManyFiles(InvalidImage):
@@ -130,16 +123,19 @@ def create_post(
     title: str = "",
     typed_tags: Iterable[str] = (),
     accepted_tags: Iterable[str] = (),
-    shown: Iterable[ShownSuggestion] = (),
+    shown: ShownRecord | Iterable[ShownSuggestion] = (),
     owner: Any = None,
     channel: str = FeedbackChannel.FORM,
-    cluster_set: ClusterSet | None = None,
-    method: str = "",
 ) -> Post:
     """Save a post with its images and tags, and record which shown suggestions were taken.
 
     ``accepted_tags`` are saved with source ``suggested``, the other ``typed_tags`` with source
-    ``typed``. Raises :class:`InvalidImage` or ``tagging.InvalidTagName`` before writing anything.
+    ``typed``. ``shown``: what the person was shown, for feedback. Surfaces that get it from a
+    client pass the :class:`~imagetags.services.shown.ShownRecord` of a verified suggestions
+    token (``services.shown.read_token``), which also says which cluster set and method
+    answered; a plain list of :class:`ShownSuggestion` is for server code's own records.
+    Raises :class:`InvalidImage`, ``tagging.InvalidTagName`` or ``tagging.TooManyTags``
+    before writing anything.
     """
     validate_uploads(files)
     accepted = list(dict.fromkeys(clean_tag_name(name) for name in accepted_tags))
@@ -148,7 +144,13 @@ def create_post(
         for name in dict.fromkeys(clean_tag_name(n) for n in typed_tags)
         if name not in accepted
     ]
-    shown = list(shown)
+    check_tag_count(len(accepted) + len(typed))
+    record = shown if isinstance(shown, ShownRecord) else ShownRecord(tuple(shown))
+    cluster_set = (
+        ClusterSet.objects.filter(pk=record.cluster_set_id).first()
+        if record.cluster_set_id is not None and record.items
+        else None
+    )
     user = owner if getattr(owner, "is_authenticated", False) else None
     storage = StockImage._meta.get_field("image").storage
     with discard_files_on_error(storage) as stored, transaction.atomic():
@@ -163,12 +165,12 @@ def create_post(
         add_tags(post, typed, source=TagSource.TYPED, user=user)
         record_feedback(
             post,
-            shown,
+            record.items,
             accepted=set(accepted),
             channel=channel,
             user=user,
             cluster_set=cluster_set,
-            method=method,
+            method=record.method if record.items else "",
         )
     return post
 
@@ -183,25 +185,35 @@ def record_feedback(
     cluster_set: ClusterSet | None = None,
     method: str = "",
 ) -> list[SuggestionFeedback]:
-    """One row per suggestion shown: accepted if its (normalised) name is in ``accepted``."""
-    rows = []
+    """One row per suggestion shown: accepted if its (normalised) name is in ``accepted``.
+
+    Only tags that exist are recorded (suggestions are made from existing tags, and accepted
+    ones were just added), never a Tag row created for a "shown" name; at most
+    ``MAX_SHOWN_SUGGESTIONS`` items, each name once.
+    """
+    items: dict[str, ShownSuggestion] = {}
     for item in shown:
         try:
             name = clean_tag_name(item.name)
         except ValueError:
-            continue  # a client sent garbage as a "shown" tag: nothing to learn from it
-        tag, _ = Tag.objects.get_or_create(name=name)
-        rows.append(
-            SuggestionFeedback(
-                post=post,
-                tag=tag,
-                accepted=name in accepted,
-                score=item.score,
-                rank=item.rank,
-                cluster_set=cluster_set,
-                method=method,
-                channel=channel,
-                user=user if getattr(user, "is_authenticated", False) else None,
-            )
+            continue  # not a possible tag name: nothing to learn from it
+        items.setdefault(name, item)
+        if len(items) >= MAX_SHOWN_SUGGESTIONS:
+            break
+    tags = Tag.objects.in_bulk(list(items), field_name="name") if items else {}
+    rows = [
+        SuggestionFeedback(
+            post=post,
+            tag=tags[name],
+            accepted=name in accepted,
+            score=item.score,
+            rank=item.rank,
+            cluster_set=cluster_set,
+            method=method,
+            channel=channel,
+            user=user if getattr(user, "is_authenticated", False) else None,
         )
+        for name, item in items.items()
+        if name in tags
+    ]
     return SuggestionFeedback.objects.bulk_create(rows)

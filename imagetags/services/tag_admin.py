@@ -23,6 +23,8 @@ from imagetags.models import (
     Tag,
     TagFrequency,
     TagSource,
+    normalize_tag_name,
+    tag_name_error,
 )
 from imagetags.services.feedback import count_subquery
 
@@ -112,6 +114,16 @@ def merge_tags(sources: Iterable[Tag | int], target: Tag | int) -> MergeResult:
         missing = [pk for pk in [target_id, *source_ids] if pk not in names]
         if missing:
             raise TagMergeError(f"Tags {missing} do not exist (any more).")
+        # The rules of every other path: merging into a name no one could type now (an old row
+        # with an invisible or control character) would spread it instead of removing it.
+        target_name = names[target_id]
+        error = tag_name_error(target_name)
+        if error or normalize_tag_name(target_name) != target_name:
+            raise TagMergeError(
+                f"{target_name!r} cannot be kept: "
+                f"{error or 'it is not in normalised form (run manage.py normalize_tags)'}. "
+                "Choose another tag to keep."
+            )
         result = MergeResult(target=names[target_id], merged=sorted(names[pk] for pk in source_ids))
         _merge_post_tags(source_ids, target_id, result)
         result.clusters_recounted = _recount_frequencies(source_ids, target_id)
@@ -186,3 +198,69 @@ def _recount_frequencies(source_ids: list[int], target_id: int) -> int:
         ).delete()
         TagFrequency.objects.bulk_create(new_rows)
     return len(cluster_ids)
+
+
+# --- names stored before the current normalisation -----------------------------------------
+
+
+@dataclass(frozen=True)
+class UnnormalisedTag:
+    """A stored tag whose name the current rules (``models.normalize_tag_name``) would change."""
+
+    pk: int
+    name: str
+    normalised: str
+    error: str | None  # why the normalised name is still not a valid one, if it is not
+    existing: int | None  # pk of the tag already carrying the normalised name
+
+    @property
+    def action(self) -> str:
+        if self.error:
+            return "rename by hand"
+        return "merge" if self.existing is not None else "rename"
+
+
+def unnormalised_tags() -> list[UnnormalisedTag]:
+    """Tags saved before names were NFKC-normalised and refused invisible characters.
+
+    Such rows stay usable (they are shown escaped, suggested and counted as before); but a name
+    typed now never matches them (``"food\u200b"`` is typed as ``"food"``), so they should be
+    merged into, or renamed to, their normalised name. Reads names only (one query over all
+    tags, plus one for the names they would become).
+    """
+    found = []
+    for pk, name in Tag.objects.order_by("pk").values_list("pk", "name").iterator():
+        normalised = normalize_tag_name(name)
+        if normalised != name or tag_name_error(name):
+            found.append((pk, name, normalised, tag_name_error(normalised)))
+    targets = dict(
+        Tag.objects.filter(name__in=[item[2] for item in found if not item[3]]).values_list(
+            "name", "pk"
+        )
+    )
+    return [
+        UnnormalisedTag(pk, name, normalised, error, targets.get(normalised))
+        for pk, name, normalised, error in found
+    ]
+
+
+def normalise_tag_names() -> list[tuple[UnnormalisedTag, str]]:
+    """Merge each unnormalised tag into the tag with its normalised name, or rename it to that
+    name when there is none; names that stay invalid are left for a person. Returns what was
+    done to each (``merge_tags`` summaries, "renamed", or why it was left)."""
+    done = []
+    for item in unnormalised_tags():
+        if item.error:
+            done.append((item, f"left: {item.error}"))
+        elif item.existing is not None:
+            done.append((item, merge_tags([item.pk], item.existing).summary()))
+        else:
+            with transaction.atomic():
+                # A later row of this run may normalise to the same name: look again.
+                target = Tag.objects.filter(name=item.normalised).first()
+                if target is not None:
+                    done.append((item, merge_tags([item.pk], target).summary()))
+                else:
+                    Tag.objects.filter(pk=item.pk).update(name=item.normalised)
+                    done.append((item, f"renamed to {item.normalised!r}"))
+    return done

@@ -9,38 +9,52 @@ from django.db import transaction
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import (
-    TAG_NAME_MAX_LENGTH,
     FeatureStatus,
+    InvalidTagName,
     Post,
     PostTag,
     Tag,
     TagSource,
     normalize_tag_name,
+    tag_name_error,
 )
 
 logger = logging.getLogger(__name__)
 
 
-class InvalidTagName(ValueError):
-    pass
+class TooManyTags(ValueError):
+    """A post would carry more than ``MAX_TAGS_PER_POST`` tags; the message gives both counts."""
+
+
+def max_tags_per_post() -> int:
+    return imagetags_settings.MAX_TAGS_PER_POST
+
+
+def check_tag_count(count: int) -> None:
+    """Raise :class:`TooManyTags` when a post would carry ``count`` tags, more than the limit.
+
+    Every path that puts tags on a post checks here (``add_tags``, ``create_post`` before
+    anything is written); the form, the API, the admin and manifests check the same number
+    earlier so that the person gets the message next to the field.
+    """
+    limit = max_tags_per_post()
+    if count > limit:
+        raise TooManyTags(too_many_tags_message(count, limit))
+
+
+def too_many_tags_message(count: int, limit: int | None = None) -> str:
+    limit = max_tags_per_post() if limit is None else limit
+    return f"At most {limit} tags per post; {count} were given."
 
 
 def clean_tag_name(name: str) -> str:
-    """A normalised tag name, or :class:`InvalidTagName` saying what is wrong with it.
-
-    Any text is allowed (it is always shown escaped); only empty and over-long names and control
-    characters are refused.
-    """
+    """A normalised tag name (``models.normalize_tag_name``), or :class:`InvalidTagName` saying
+    what is wrong with it (``models.tag_name_error``: empty or invisible, too long, control,
+    format, private-use or surrogate characters). The same rules as ``Tag.save``."""
     cleaned = normalize_tag_name(name)
-    if not cleaned:
-        raise InvalidTagName("A tag name cannot be empty.")
-    if len(cleaned) > TAG_NAME_MAX_LENGTH:
-        raise InvalidTagName(
-            f"Tag names are at most {TAG_NAME_MAX_LENGTH} characters; "
-            f"{cleaned[:20]!r}… has {len(cleaned)}."
-        )
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in cleaned):
-        raise InvalidTagName(f"Tag name {cleaned!r} contains control characters.")
+    error = tag_name_error(cleaned)
+    if error:
+        raise InvalidTagName(error)
     return cleaned
 
 
@@ -49,7 +63,9 @@ def parse_tag_input(text: str) -> list[str]:
 
     ``'salmon, "cuba libre", sushi rice'`` -> ``["salmon", "cuba libre", "sushi rice"]``.
     Without any comma or quote, spaces separate (``"salmon sushi"`` -> two tags), as in taggit.
-    Duplicates (after normalisation) are dropped, order kept.
+    Inside a quoted name, two double quotes stand for one, as in CSV: ``"a ""b"" c"`` is the
+    name ``a "b" c`` (``widgets.format_tag_input`` writes names that way, so any list of names
+    survives a round trip). Duplicates (after normalisation) are dropped, order kept.
     """
     text = text or ""
     words: list[str] = []
@@ -58,14 +74,21 @@ def parse_tag_input(text: str) -> list[str]:
     else:
         buffer: list[str] = []
         quoted = False
-        for ch in text:
+        i = 0
+        while i < len(text):
+            ch = text[i]
             if ch == '"':
-                quoted = not quoted
+                if quoted and text.startswith('"', i + 1):
+                    buffer.append('"')  # an escaped quote inside a quoted name
+                    i += 1
+                else:
+                    quoted = not quoted
             elif ch == "," and not quoted:
                 words.append("".join(buffer))
                 buffer = []
             else:
                 buffer.append(ch)
+            i += 1
         words.append("".join(buffer))
     seen: set[str] = set()
     out: list[str] = []
@@ -81,14 +104,16 @@ def add_tags(
     post: Post, names: Iterable[str], source: str = TagSource.TYPED, user=None
 ) -> list[PostTag]:
     """Add tags to a post (creating Tag rows as needed); tags already on the post are kept as they
-    are. Raises :class:`InvalidTagName` before writing anything if any name is invalid."""
-    cleaned = [clean_tag_name(name) for name in names]
+    are. Raises :class:`InvalidTagName`, or :class:`TooManyTags` when the post would then carry
+    more than ``MAX_TAGS_PER_POST``, before writing anything."""
+    cleaned = list(dict.fromkeys(clean_tag_name(name) for name in names))
     added: list[PostTag] = []
     with transaction.atomic():
         existing = set(post.post_tags.values_list("tag__name", flat=True))
-        for name in dict.fromkeys(cleaned):
-            if name in existing:
-                continue
+        new = [name for name in cleaned if name not in existing]
+        if new:
+            check_tag_count(len(existing) + len(new))
+        for name in new:
             tag, _ = Tag.objects.get_or_create(name=name)
             added.append(PostTag.objects.create(post=post, tag=tag, source=source, added_by=user))
     return added
@@ -125,7 +150,14 @@ def apply_auto_tags(post: Post) -> list[PostTag]:
             return []
         for tag in result.tags:
             best[tag.name] = max(best.get(tag.name, 0.0), tag.score)
-    chosen = sorted(best, key=lambda name: (-best[name], name))[: imagetags_settings.AUTO_TAG_LIMIT]
+    present = set(post.post_tags.values_list("tag__name", flat=True))
+    # Auto tags fill at most the room left under MAX_TAGS_PER_POST: a background task must not
+    # fail on a post that people have tagged fully already.
+    room = max(0, max_tags_per_post() - len(present))
+    ranked = [
+        name for name in sorted(best, key=lambda name: (-best[name], name)) if name not in present
+    ]
+    chosen = ranked[: min(imagetags_settings.AUTO_TAG_LIMIT, room)]
     return add_tags(post, chosen, source=TagSource.AUTO)
 
 

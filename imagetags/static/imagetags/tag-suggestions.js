@@ -12,13 +12,24 @@
 
   var tipCounter = 0;
 
-  /* The same rules as imagetags.services.tagging: trim, collapse spaces, lowercase. */
+  /* Characters stripped from tag names (models.normalize_tag_name): soft hyphen, Mongolian vowel
+   * separator, zero-width space, word joiner, invisible operators, byte-order mark. */
+  var HIDDEN = /[\u00ad\u180e\u200b\u2060-\u2064\ufeff]/g;
+
+  /* The same rules as imagetags.models.normalize_tag_name (for matching chips to the text; the
+   * server normalises again): NFKC, hidden characters out, collapse spaces, trim, lowercase. */
   function normalizeTag(name) {
-    return String(name).replace(/\s+/g, " ").trim().toLowerCase();
+    var text = String(name);
+    if (text.normalize) {
+      text = text.normalize("NFKC");
+    }
+    text = text.replace(HIDDEN, "").replace(/\s+/g, " ").trim().toLowerCase();
+    return text.normalize ? text.normalize("NFKC") : text;
   }
 
-  /* Like parse_tag_input (django-taggit): commas separate, double quotes group; without any
-   * comma or quote, spaces separate. Duplicates are dropped, order kept. */
+  /* Like parse_tag_input (django-taggit): commas separate, double quotes group, and inside a
+   * quoted name "" stands for one quote (as in CSV); without any comma or quote, spaces
+   * separate. Duplicates are dropped, order kept. */
   function parseTags(text) {
     text = text || "";
     var words = [];
@@ -30,7 +41,12 @@
       for (var i = 0; i < text.length; i++) {
         var ch = text.charAt(i);
         if (ch === '"') {
-          quoted = !quoted;
+          if (quoted && text.charAt(i + 1) === '"') {
+            buffer += '"'; // an escaped quote inside a quoted name
+            i += 1;
+          } else {
+            quoted = !quoted;
+          }
         } else if (ch === "," && !quoted) {
           words.push(buffer);
           buffer = "";
@@ -52,11 +68,12 @@
     return out;
   }
 
-  /* Like format_tag_input: quote names with a comma or space, join with ", ". */
+  /* Like format_tag_input: quote names with a comma, a space or a quote (a quote inside is
+   * doubled), join with ", ". parseTags(formatTags(names)) gives the names back. */
   function formatTags(names) {
     return names
       .map(function (name) {
-        return /[,\s]/.test(name) ? '"' + name + '"' : name;
+        return /[,\s"]/.test(name) ? '"' + name.replace(/"/g, '""') + '"' : name;
       })
       .join(", ");
   }
@@ -115,6 +132,10 @@
     this.shown = [];
     this.clusterSet = null;
     this.method = "";
+    // The signed record of the suggestions shown (from the server's answer): saving the post
+    // sends it back, and only what it lists counts as shown. Each new request sends it too, so
+    // the server's next token also covers the chips kept from earlier answers.
+    this.token = "";
     this.controller = null;
     this.previewUrls = [];
     this.fileInputs = this.findFileInputs(root.getAttribute("data-imagetags-images-field"));
@@ -192,6 +213,7 @@
     if (Array.isArray(state.shown) && state.shown.length) {
       this.clusterSet = typeof state.cluster_set === "number" ? state.cluster_set : null;
       this.method = typeof state.method === "string" ? state.method : "";
+      this.token = typeof state.token === "string" ? state.token : "";
       this.shown = state.shown.filter(function (item) {
         return item && typeof item.name === "string";
       });
@@ -246,6 +268,9 @@
     files.forEach(function (file) {
       body.append("image", file, file.name);
     });
+    if (this.token) {
+      body.append("suggestions_token", this.token);
+    }
     var controller = typeof AbortController === "function" ? new AbortController() : null;
     this.controller = controller;
     this.setBusy(true);
@@ -283,6 +308,7 @@
         }
         var tags = Array.isArray(data.tags) ? data.tags : [];
         self.method = typeof data.method === "string" ? data.method : "";
+        self.token = typeof data.suggestions_token === "string" ? data.suggestions_token : "";
         self.setSuggestions(tags, typeof data.cluster_set === "number" ? data.cluster_set : null);
         self.setStatus(
           tags.length
@@ -413,6 +439,7 @@
           channel: "widget",
           cluster_set: this.clusterSet,
           method: this.method,
+          token: this.token,
           shown: shown,
           accepted: shown
             .filter(function (item) {
