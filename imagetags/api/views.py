@@ -223,7 +223,9 @@ def flat_errors(detail: Any) -> dict[str, list[Any]]:
 def _messages(detail: Any, where: str = "") -> Iterator[Any]:
     if isinstance(detail, dict):
         for key, value in detail.items():
-            yield from _messages(value, f"{where}{key}: ")
+            # DRF keys the errors of a list's items by their 0-based index.
+            label = f"item {key + 1}" if isinstance(key, int) else key
+            yield from _messages(value, f"{where}{label}: ")
     elif isinstance(detail, list | tuple):
         nested = any(isinstance(item, dict | list | tuple) for item in detail)
         for position, item in enumerate(detail, start=1):
