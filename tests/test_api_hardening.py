@@ -144,7 +144,7 @@ def test_creating_a_post_with_a_cluster_set_past_64_bits_is_a_400(api, media_roo
 
 def test_bad_pages_are_documented_answers(api, make_post):
     make_post(["soup"])
-    for page in ("abc", "999999", "0", "9" * 30):
+    for page in ("abc", "999999", "0", "9" * 30, ""):
         response = api.get(url("tag-list"), {"page": page})
         assert response.status_code == 404, page
         assert response.json() == {"detail": "Invalid page."}

@@ -31,7 +31,13 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import mixins, status, viewsets
-from rest_framework.exceptions import APIException, ErrorDetail, ParseError, ValidationError
+from rest_framework.exceptions import (
+    APIException,
+    ErrorDetail,
+    NotFound,
+    ParseError,
+    ValidationError,
+)
 from rest_framework.filters import OrderingFilter
 from rest_framework.generics import GenericAPIView
 from rest_framework.pagination import PageNumberPagination
@@ -180,6 +186,12 @@ class ImageTagsPagination(PageNumberPagination):
     @property
     def max_page_size(self) -> int:
         return 10 * imagetags_settings.API_PAGE_SIZE
+
+    def get_page_number(self, request: Request, paginator: Any) -> Any:
+        # DRF reads an empty ?page= as page 1; it is not a number, like ?page=abc.
+        if request.query_params.get(self.page_query_param) == "":
+            raise NotFound(self.invalid_page_message)
+        return super().get_page_number(request, paginator)
 
     def get_page_size(self, request: Request) -> int:
         # DRF ignores a page_size it cannot read; a client that asks for one should hear why.
