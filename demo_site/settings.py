@@ -107,6 +107,12 @@ IMAGETAGS = {
     "EXTRACTOR": extractor_config_from_spec(
         os.environ.get("IMAGETAGS_EXTRACTOR", "vgg16:imagenet")
     ),
+    # A local demo: the README's curl examples log in as admin/admin by HTTP Basic, which the
+    # app leaves off by default (unthrottled password guessing). Never on a public site.
+    "API_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
 }
 
 # The REST API (imagetags.api) and its OpenAPI schema; Swagger UI's files come from the sidecar

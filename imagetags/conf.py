@@ -90,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
     # Upload widget and form (imagetags.forms, imagetags.views): the upload page and the
     # suggestions JSON view need a logged-in user.
     "LOGIN_REQUIRED": True,
+    # Requests per user (per IP when anonymous) to the upload page and the suggestions JSON
+    # view, counted in the default cache: "N/s", "N/min", "N/hour", "N/day"; None: unlimited.
+    "THROTTLE_RATE": "60/min",
     # The form's no-JavaScript path keeps uploaded files here (default storage) between its two
     # steps; files older than PENDING_UPLOAD_MAX_AGE seconds are deleted at the next upload.
     "PENDING_UPLOAD_TO": "imagetags/pending/",
@@ -101,13 +104,19 @@ DEFAULTS: dict[str, Any] = {
     # saving a post needs for feedback to count) stays valid.
     "SUGGESTIONS_TOKEN_MAX_AGE": 3600,
     # REST API (imagetags.api, needs the `api` extra). Dotted paths, imported when a request
-    # comes in. Authentication None: the site's REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
-    "API_AUTHENTICATION_CLASSES": None,
+    # comes in. Session only by default: HTTP Basic (DRF's default too) lets a client guess
+    # passwords without limit, so sites opt into Basic or Token here. None: the site's
+    # REST_FRAMEWORK DEFAULT_AUTHENTICATION_CLASSES.
+    "API_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "API_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "API_THROTTLE_CLASSES": ["imagetags.api.throttling.ImageTagsRateThrottle"],
     # Requests per user (or per IP for anonymous clients) in the throttle scope "imagetags";
     # "N/s", "N/min", "N/hour" or "N/day"; None: unlimited.
     "API_THROTTLE_RATE": "60/min",
+    # Which posts (and their images) the API shows a client: None, every post (the library is
+    # shared: suggestions come from everyone's tags); or a dotted path to a callable
+    # (request, queryset) -> queryset, e.g. "imagetags.api.views.own_posts" (staff see all).
+    "API_POSTS_VISIBLE_TO": None,
     # Items per page of the list endpoints (a client may ask for up to 10× with ?page_size=).
     "API_PAGE_SIZE": 50,
     # Storage of feature vectors (services.vectors): "float32", or "float16" (half the bytes;

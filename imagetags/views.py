@@ -31,12 +31,36 @@ from imagetags.services.images import InvalidImage
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable, suggest_many
 from imagetags.services.tagging import parse_tag_input
+from imagetags.uploads import upload_guards
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
     return JsonResponse({"error": message, "code": code, **extra}, status=status)
 
 
+_REFUSAL_CODES = {413: "too_large", 429: "throttled"}
+
+
+def _json_refusal(
+    request: HttpRequest, status: int, message: str, headers: dict[str, str]
+) -> JsonResponse:
+    response = _error(status, _REFUSAL_CODES[status], message)
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def _page_refusal(
+    request: HttpRequest, status: int, message: str, headers: dict[str, str]
+) -> HttpResponse:
+    response = render(request, "imagetags/refused.html", {"message": message}, status=status)
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+# The guards (throttle, streaming size limit) wrap the views' CSRF check: see upload_guards.
+@upload_guards(_json_refusal)
 @require_POST
 @csrf_protect
 def suggestions(request: HttpRequest) -> JsonResponse:
@@ -112,6 +136,7 @@ def suggestions(request: HttpRequest) -> JsonResponse:
     return JsonResponse({**merged.as_dict(), "method": method, "suggestions_token": token})
 
 
+@method_decorator(upload_guards(_page_refusal), name="dispatch")
 @method_decorator(csrf_protect, name="dispatch")
 class PostUploadView(View):
     """The upload page: :class:`~imagetags.forms.PostUploadForm` with the suggestion widget.

@@ -90,6 +90,12 @@ else:
     }
 # The API's throttle (60/min per user by default) is not what this measures.
 IMAGETAGS = {**IMAGETAGS, "API_THROTTLE_RATE": "1000000/min"}
+# The API is session-only by default; `--auth basic` opts into HTTP Basic as a site would.
+if os.environ.get("IMAGETAGS_LOAD_AUTH") == "basic":
+    IMAGETAGS["API_AUTHENTICATION_CLASSES"] = [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -162,6 +168,7 @@ class Site:
             "IMAGETAGS_LOAD_MEDIA": str(self.root / "media"),
             "IMAGETAGS_LOAD_DB": str(self.root / "db.sqlite3"),
             "IMAGETAGS_EXTRACTOR": args.extractor,
+            "IMAGETAGS_LOAD_AUTH": args.auth,
             "PYTHONUNBUFFERED": "1",
         }
         if args.database_url:

@@ -31,6 +31,7 @@ from imagetags.services.tagging import (
     too_many_tags_message,
 )
 
+from .filters import MAX_ID
 from .uploads import check_upload_size
 
 # A page of suggestion chips; asking for more is a client bug worth reporting. A suggestions
@@ -45,6 +46,9 @@ SUGGESTIONS_TOKEN_HELP = (
 )
 
 
+@extend_schema_field(
+    {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+)
 class UploadListField(serializers.ListField):
     """One or more files under one multipart field name (the field repeated for several)."""
 
@@ -61,7 +65,8 @@ class UploadListField(serializers.ListField):
         return files
 
 
-@extend_schema_field({"type": "array", "items": {"type": "string"}})
+# "default": [] so Swagger's "Try it out" starts empty instead of sending the tag "string".
+@extend_schema_field({"type": "array", "items": {"type": "string"}, "default": []})
 class TagListField(serializers.Field):
     """Tag names typed like django-taggit's TagField: commas separate, double quotes group, and
     without either, spaces separate. The field may be repeated; every value is parsed."""
@@ -95,6 +100,14 @@ class TagListField(serializers.Field):
         return list(value)
 
 
+# An example of 0 (every tag), so Swagger's "Try it out" does not fill in 1 (almost no tag).
+@extend_schema_field(
+    {"type": "number", "format": "double", "minimum": 0, "maximum": 1, "example": 0}
+)
+class ShareField(serializers.FloatField):
+    """A share from 0 to 1."""
+
+
 class SuggestionParamsSerializer(serializers.Serializer):
     """How many suggestions, how common a tag must be, and which tags to leave out."""
 
@@ -104,11 +117,12 @@ class SuggestionParamsSerializer(serializers.Serializer):
         max_value=MAX_SUGGEST_LIMIT,
         help_text="Most tags to return (default: the SUGGEST_LIMIT setting).",
     )
-    threshold = serializers.FloatField(
+    threshold = ShareField(
         required=False,
         min_value=0.0,
         max_value=1.0,
-        help_text="Only tags on at least this share of the nearest cluster's posts.",
+        help_text="Only tags on at least this share of the nearest cluster's posts "
+        "(default: the SUGGEST_THRESHOLD setting).",
     )
     exclude = TagListField(
         help_text="Tags to leave out (e.g. those the post already has), typed like tag input: "
@@ -184,6 +198,8 @@ class SuggestionsSerializer(serializers.Serializer):
 
 
 class TagSerializer(serializers.ModelSerializer):
+    # Slugs keep non-ASCII letters (Tag.save slugifies with allow_unicode), so says the schema.
+    slug = serializers.SlugField(allow_unicode=True, read_only=True)
     post_count = serializers.IntegerField(read_only=True, help_text="Posts carrying the tag.")
 
     class Meta:
@@ -323,7 +339,10 @@ class ClusterSerializer(serializers.ModelSerializer):
 
 class ClusterFilterSerializer(serializers.Serializer):
     cluster_set = serializers.IntegerField(
-        required=False, min_value=1, help_text="Clusters of this set (default: the active set)."
+        required=False,
+        min_value=1,
+        max_value=MAX_ID,
+        help_text="Clusters of this set (default: the active set).",
     )
     top = serializers.IntegerField(
         required=False,

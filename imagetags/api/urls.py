@@ -17,10 +17,11 @@ router.register("tags", views.TagViewSet, basename="tag")
 router.register("posts", views.PostViewSet, basename="post")
 router.register("clusters", views.ClusterViewSet, basename="cluster")
 
+# <str:pk>: any segment reaches the view, which answers a JSON 404 for one that is not an id.
 urlpatterns = [
     path("suggestions/", views.SuggestionView.as_view(), name="suggestions"),
     path(
-        "images/<int:pk>/suggestions/",
+        "images/<str:pk>/suggestions/",
         views.ImageSuggestionView.as_view(),
         name="image-suggestions",
     ),

@@ -31,8 +31,14 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import mixins, status, viewsets
-from rest_framework.exceptions import APIException, ParseError, ValidationError
-from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.exceptions import (
+    APIException,
+    ErrorDetail,
+    NotFound,
+    ParseError,
+    ValidationError,
+)
+from rest_framework.filters import OrderingFilter
 from rest_framework.generics import GenericAPIView
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import MultiPartParser
@@ -61,7 +67,9 @@ from imagetags.services.suggest import (
     suggest,
     suggest_many,
 )
+from imagetags.uploads import UploadTooLarge
 
+from .filters import MAX_ID, BoundedSearchFilter, object_id
 from .serializers import (
     FIELD_ERRORS_SCHEMA,
     ClusterFilterSerializer,
@@ -107,6 +115,8 @@ def as_api_exception(exc: Exception) -> Exception:
     DRF's parser converts malformed bodies (``MultiPartParserError``) itself, but lets
     Django's ``DATA_UPLOAD_MAX_*`` refusals through as ``SuspiciousOperation``.
     """
+    if isinstance(exc, UploadTooLarge):  # a file over MAX_UPLOAD_BYTES, seen while parsing
+        return PayloadTooLarge(str(exc))
     if isinstance(exc, RequestDataTooBig):
         return PayloadTooLarge(
             "The form fields (other than files) are larger than the limit of "
@@ -137,6 +147,35 @@ def service_errors(file_field: str = "image") -> Iterator[None]:
         raise ValidationError({file_field: [str(exc)]}) from exc
 
 
+def own_posts(request: Request, queryset: QuerySet[Post]) -> QuerySet[Post]:
+    """A scope for ``API_POSTS_VISIBLE_TO``: each user sees their own posts; staff see all."""
+    if request.user.is_staff:
+        return queryset
+    if not request.user.is_authenticated:
+        return queryset.none()
+    return queryset.filter(owner=request.user)
+
+
+def visible_posts(request: Request, queryset: QuerySet[Post]) -> QuerySet[Post]:
+    """The posts ``request`` may see: ``API_POSTS_VISIBLE_TO`` applied, or all of them.
+
+    The library is shared by default (suggestions come from everyone's tags, and the API shows
+    the posts they come from); sites whose posts are private name a scope such as
+    :func:`own_posts`.
+    """
+    scope = imagetags_settings.API_POSTS_VISIBLE_TO
+    if scope is None:
+        return queryset
+    if isinstance(scope, str):
+        try:
+            scope = import_string(scope)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"IMAGETAGS['API_POSTS_VISIBLE_TO']: {scope!r} could not be imported ({exc})."
+            ) from exc
+    return scope(request, queryset)
+
+
 class ImageTagsPagination(PageNumberPagination):
     """Pages of ``API_PAGE_SIZE`` items; ``?page_size=`` up to ten times that."""
 
@@ -150,12 +189,80 @@ class ImageTagsPagination(PageNumberPagination):
     def max_page_size(self) -> int:
         return 10 * imagetags_settings.API_PAGE_SIZE
 
+    def get_page_number(self, request: Request, paginator: Any) -> Any:
+        # DRF reads an empty ?page= as page 1; it is not a number, like ?page=abc.
+        if request.query_params.get(self.page_query_param) == "":
+            raise NotFound(self.invalid_page_message)
+        return super().get_page_number(request, paginator)
+
+    def get_page_size(self, request: Request) -> int:
+        # DRF ignores a page_size it cannot read; a client that asks for one should hear why.
+        text = request.query_params.get(self.page_size_query_param)
+        if text is None:
+            return self.page_size
+        if not (text.isascii() and text.isdigit()) or int(text[:19]) < 1:
+            raise ValidationError(
+                {self.page_size_query_param: [f"A whole number from 1 to {self.max_page_size}."]}
+            )
+        return min(int(text[:19]) if len(text) < 19 else self.max_page_size, self.max_page_size)
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+            if parameter["name"] == self.page_query_param:
+                parameter["description"] = (
+                    "A page number (from 1); a page past the last one is a 404."
+                )
+            else:
+                parameter["description"] = (
+                    f"Items per page (default {self.page_size}); more than "
+                    f"{self.max_page_size} count as {self.max_page_size}."
+                )
+        return parameters
+
+
+def flat_errors(detail: Any) -> dict[str, list[Any]]:
+    """DRF error detail as the documented 400 shape: ``{"field": ["message", ...]}``.
+
+    Nested serializers and filters give other shapes (a bare list; ``[{"name": [...]}]`` for a
+    list of objects): their messages are kept, prefixed with where they apply ("item 2: name:
+    ..."), so every 400 matches ``FIELD_ERRORS_SCHEMA``.
+    """
+    if not isinstance(detail, dict):
+        return {api_settings.NON_FIELD_ERRORS_KEY: list(_messages(detail))}
+    return {str(field): list(_messages(value)) for field, value in detail.items()}
+
+
+def _messages(detail: Any, where: str = "") -> Iterator[Any]:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            # DRF keys the errors of a list's items by their 0-based index.
+            label = f"item {key + 1}" if isinstance(key, int) else key
+            yield from _messages(value, f"{where}{label}: ")
+    elif isinstance(detail, list | tuple):
+        nested = any(isinstance(item, dict | list | tuple) for item in detail)
+        for position, item in enumerate(detail, start=1):
+            if nested and not item:
+                continue  # an item without errors in a list of objects
+            yield from _messages(item, f"{where}item {position}: " if nested else where)
+    else:
+        yield ErrorDetail(f"{where}{detail}", code=getattr(detail, "code", None))
+
 
 class ImageTagsAPIMixin:
     """Policies from the IMAGETAGS settings, upload guards, and DRF-shaped parse errors."""
 
     throttle_scope = "imagetags"
     pagination_class = ImageTagsPagination
+    # Any path segment reaches the view, so a malformed or huge id is a JSON 404 from
+    # get_object (not Django's HTML page, and never an integer overflow in the database).
+    lookup_value_regex = "[^/]+"
+
+    def get_object(self) -> Any:
+        lookup = self.lookup_url_kwarg or self.lookup_field
+        self.kwargs[lookup] = object_id(self.kwargs[lookup])
+        return super().get_object()
 
     def get_authenticators(self) -> list[Any]:
         if imagetags_settings.API_AUTHENTICATION_CLASSES is None:
@@ -174,7 +281,10 @@ class ImageTagsAPIMixin:
         super().initial(request, *args, **kwargs)
 
     def handle_exception(self, exc: Exception) -> Response:
-        return super().handle_exception(as_api_exception(exc))
+        exc = as_api_exception(exc)
+        if isinstance(exc, ValidationError):
+            exc = ValidationError(flat_errors(exc.detail))
+        return super().handle_exception(exc)
 
 
 _ERROR = ErrorSerializer
@@ -194,7 +304,11 @@ ERROR_RESPONSES = {
         description="Not authenticated (session authentication), CSRF check failed, or "
         "permission denied.",
     ),
-    404: OpenApiResponse(_ERROR, description="No such object."),
+    404: OpenApiResponse(
+        _ERROR,
+        description="No such object (or an id that is not a whole number), or no such page: "
+        "?page= past the last page or not a number.",
+    ),
     409: OpenApiResponse(
         _ERROR,
         description="No suggestions possible yet: the library has no clusters, or they were "
@@ -214,6 +328,14 @@ RETRY_AFTER = OpenApiParameter(
     location=OpenApiParameter.HEADER,
     response=[429],
     description="Seconds until the throttle lets the client in again.",
+)
+
+# Path ids are documented as the integers they are; any other segment is a JSON 404.
+OBJECT_ID = OpenApiParameter(
+    "id",
+    {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+    location=OpenApiParameter.PATH,
+    description="The object's id.",
 )
 
 
@@ -269,8 +391,14 @@ class SuggestionView(ImageTagsAPIMixin, GenericAPIView):
 class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
     """Suggested tags for a stored image (its stored vector when current)."""
 
-    queryset = StockImage.objects.all()
     serializer_class = SuggestionParamsSerializer
+
+    def get_queryset(self) -> QuerySet[StockImage]:
+        # Images of the posts the client may see (API_POSTS_VISIBLE_TO): others are a 404.
+        if imagetags_settings.API_POSTS_VISIBLE_TO is None:
+            return StockImage.objects.all()
+        posts = visible_posts(self.request, Post.objects.all())
+        return StockImage.objects.filter(post__in=posts)
 
     @extend_schema(
         operation_id="imagetags_image_suggestions",
@@ -278,10 +406,10 @@ class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
         description="Uses the image's stored feature vector when it is current, else embeds "
         "its file now. The image's own post is part of the library, so pass `exclude` to "
         "leave out the tags it already has.",
-        parameters=[SuggestionParamsSerializer, RETRY_AFTER],
+        parameters=[OBJECT_ID, SuggestionParamsSerializer, RETRY_AFTER],
         responses={200: SuggestionsSerializer, **errors(400, 404, 409)},
     )
-    def get(self, request: Request, pk: int) -> Response:
+    def get(self, request: Request, pk: str) -> Response:
         image = self.get_object()
         params = self.get_serializer(data=request.query_params)
         params.is_valid(raise_exception=True)
@@ -300,17 +428,20 @@ class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
 
 @extend_schema_view(
     list=extend_schema(
-        summary="List tags with usage counts", responses={200: TagSerializer(many=True), **errors()}
+        summary="List tags with usage counts",
+        responses={200: TagSerializer(many=True), **errors(400, 404)},
     ),
     retrieve=extend_schema(
-        summary="A tag with its usage count", responses={200: TagSerializer, **errors(404)}
+        summary="A tag with its usage count",
+        parameters=[OBJECT_ID],
+        responses={200: TagSerializer, **errors(404)},
     ),
 )
 class TagViewSet(ImageTagsAPIMixin, viewsets.ReadOnlyModelViewSet):
     """Tags with the number of posts carrying each; ``?search=`` and ``?ordering=``."""
 
     serializer_class = TagSerializer
-    filter_backends = [SearchFilter, OrderingFilter]
+    filter_backends = [BoundedSearchFilter, OrderingFilter]
     search_fields = ["name"]
     ordering_fields = ["name", "post_count"]
     ordering = ["name"]
@@ -321,10 +452,12 @@ class TagViewSet(ImageTagsAPIMixin, viewsets.ReadOnlyModelViewSet):
 
 @extend_schema_view(
     list=extend_schema(
-        summary="List posts", responses={200: PostSerializer(many=True), **errors()}
+        summary="List posts", responses={200: PostSerializer(many=True), **errors(400, 404)}
     ),
     retrieve=extend_schema(
-        summary="A post with its images and tags", responses={200: PostSerializer, **errors(404)}
+        summary="A post with its images and tags",
+        parameters=[OBJECT_ID],
+        responses={200: PostSerializer, **errors(404)},
     ),
     create=extend_schema(
         summary="Create a post from uploaded images and tags",
@@ -347,6 +480,13 @@ class PostViewSet(ImageTagsAPIMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
         Prefetch("post_tags", queryset=PostTag.objects.select_related("tag").order_by("tag__name")),
     )
 
+    def get_queryset(self) -> QuerySet[Post]:
+        return self.scope_queryset(self.request, super().get_queryset())
+
+    def scope_queryset(self, request: Request, queryset: QuerySet[Post]) -> QuerySet[Post]:
+        """The posts this client may list and read; override, or set API_POSTS_VISIBLE_TO."""
+        return visible_posts(request, queryset)
+
     def get_serializer_class(self) -> type:
         return PostCreateSerializer if self.action == "create" else PostSerializer
 
@@ -364,7 +504,8 @@ class PostViewSet(ImageTagsAPIMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
                 owner=request.user,
                 channel=FeedbackChannel.API,
             )
-        post = self.get_queryset().get(pk=post.pk)
+        # Unscoped: the new post is answered even when the scope would not list it.
+        post = super().get_queryset().get(pk=post.pk)
         body = PostSerializer(post, context=self.get_serializer_context()).data
         location = self.reverse_action("detail", args=[post.pk])
         return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
@@ -377,11 +518,11 @@ _CLUSTER_FILTERS = [ClusterFilterSerializer]
     list=extend_schema(
         summary="Clusters of the active set (or ?cluster_set=) with their top tags",
         parameters=_CLUSTER_FILTERS,
-        responses={200: ClusterSerializer(many=True), **errors(400)},
+        responses={200: ClusterSerializer(many=True), **errors(400, 404)},
     ),
     retrieve=extend_schema(
         summary="A cluster with its top tags",
-        parameters=_CLUSTER_FILTERS,
+        parameters=[OBJECT_ID, *_CLUSTER_FILTERS],
         responses={200: ClusterSerializer, **errors(400, 404)},
     ),
 )
