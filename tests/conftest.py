@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +85,34 @@ def image_bytes(
 def media_root(tmp_path: Path, settings) -> Path:
     settings.MEDIA_ROOT = str(tmp_path / "media")
     return tmp_path / "media"
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle_counts():
+    # Throttle history (API and plain views) lives in the cache, and user ids repeat across
+    # rolled-back tests: one test's requests must not count against the next one's.
+    cache.clear()
+    yield
+    cache.clear()
+
+
+# The password of the `user` fixture (tests/test_api.py logs in with it by HTTP Basic).
+PASSWORD = "correct horse"
+
+
+@pytest.fixture
+def user(django_user_model, settings):
+    # Hashing with the default PBKDF2 costs a noticeable part of a second per test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    return django_user_model.objects.create_user("alice", password=PASSWORD)
+
+
+@pytest.fixture
+def api(user) -> Client:
+    """A test client logged in as `user` (session authentication, as the widget is)."""
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 @pytest.fixture

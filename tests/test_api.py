@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from django.contrib.staticfiles import finders
-from django.core.cache import cache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
@@ -36,9 +35,7 @@ from imagetags.services.images import InvalidImage, open_image
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestedTag, suggest, suggest_many
 
-from .conftest import PROJECT_ROOT, image_bytes
-
-PASSWORD = "correct horse"
+from .conftest import PASSWORD, PROJECT_ROOT, image_bytes
 
 
 def url(name: str, *args: object) -> str:
@@ -51,28 +48,6 @@ def upload(name: str = "photo.jpg", data: bytes | None = None, **kwargs) -> Simp
 
 def stored_files(media_root: Path) -> list[Path]:
     return [p for p in media_root.rglob("*") if p.is_file()] if media_root.exists() else []
-
-
-@pytest.fixture(autouse=True)
-def fresh_throttle_counts():
-    # Throttle history lives in the cache, and user ids repeat across rolled-back tests.
-    cache.clear()
-    yield
-    cache.clear()
-
-
-@pytest.fixture
-def user(django_user_model, settings):
-    # Hashing with the default PBKDF2 costs a noticeable part of a second per test.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    return django_user_model.objects.create_user("alice", password=PASSWORD)
-
-
-@pytest.fixture
-def api(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-from django.core.cache import cache
 from django.test import Client, RequestFactory
 from django.urls import reverse
 from PIL import Image
@@ -18,35 +17,14 @@ from imagetags import views
 from imagetags.api.filters import MAX_SEARCH_LENGTH, MAX_SEARCH_TERMS, SEARCH_PATTERN
 from imagetags.models import Post, StockImage, Tag
 
-from .conftest import image_bytes
+from .conftest import PASSWORD, image_bytes
 
-PASSWORD = "correct horse"
 SUGGEST_URL = "/imagetags/suggestions/"
 UPLOAD_URL = "/imagetags/upload/"
 
 
 def url(name: str, *args: object) -> str:
     return reverse(f"imagetags_api:{name}", args=args)
-
-
-@pytest.fixture(autouse=True)
-def fresh_throttle_counts():
-    cache.clear()
-    yield
-    cache.clear()
-
-
-@pytest.fixture
-def user(django_user_model, settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    return django_user_model.objects.create_user("alice", password=PASSWORD)
-
-
-@pytest.fixture
-def api(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def schema(client: Client) -> dict:

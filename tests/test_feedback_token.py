@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
@@ -28,29 +27,9 @@ UPLOAD_URL = "/imagetags/upload/"
 SUGGEST_URL = "/imagetags/suggestions/"
 
 
-@pytest.fixture(autouse=True)
-def fresh_throttle_counts():
-    cache.clear()
-    yield
-    cache.clear()
-
-
-@pytest.fixture
-def user(django_user_model, settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    return django_user_model.objects.create_user("alice", password="x")
-
-
 @pytest.fixture
 def other(django_user_model):
     return django_user_model.objects.create_user("mallory", password="x")
-
-
-@pytest.fixture
-def api(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
