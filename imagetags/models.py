@@ -15,6 +15,7 @@ import re
 import unicodedata
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
@@ -270,8 +271,33 @@ class StoredImageFieldFile(ImageFieldFile):
         super().save(safe_upload_name(name, stored_extension(content)), content, save)
 
 
+class UploadRulesImageFormField(forms.ImageField):
+    """The form field of a StockImage file (the admin's forms, a site's ModelForms): the upload
+    rules of every other path (``images.open_image``: ALLOWED_FORMATS, MAX_UPLOAD_BYTES,
+    MAX_PIXELS, MAX_FRAMES, truncated files), on top of Django's own image check, which lets
+    through anything Pillow opens, up to Pillow's own, much higher, pixel ceiling."""
+
+    def to_python(self, data: Any) -> Any:
+        upload = super().to_python(data)
+        if upload is None:
+            return None
+        from imagetags.services.images import InvalidImage, open_image
+
+        try:
+            open_image(upload)
+        except InvalidImage as exc:
+            raise ValidationError(str(exc), code="invalid_image") from None
+        finally:
+            if hasattr(upload, "seek"):
+                upload.seek(0)
+        return upload
+
+
 class StoredImageField(models.ImageField):
     attr_class = StoredImageFieldFile
+
+    def formfield(self, **kwargs: Any) -> Any:
+        return super().formfield(**{"form_class": UploadRulesImageFormField, **kwargs})
 
     def deconstruct(self) -> tuple[str, str, list[Any], dict[str, Any]]:
         # The column and its options are a plain ImageField's; only the naming on save

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, transaction
 from django.urls import reverse
+from PIL import Image
 
 from imagetags.forms import PendingUpload
 from imagetags.models import FeatureStatus, Post, StockImage, safe_upload_name
@@ -125,6 +126,45 @@ def test_admin_stock_image_form_stores_the_detected_extension(
     image = StockImage.objects.get()
     assert image.image.name.endswith(f"/{stored}")
     assert_served_as_image(admin_client, image)
+
+
+def three_frame_gif(name: str = "anim.gif") -> SimpleUploadedFile:
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]
+    buffer = BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return SimpleUploadedFile(name, buffer.getvalue(), content_type="image/gif")
+
+
+# Django's own image check opens anything Pillow opens (up to Pillow's ceiling of ~179M pixels);
+# the admin must refuse what every other path refuses, with the same sentence.
+@pytest.mark.parametrize(
+    ("rules", "upload", "message"),
+    [
+        ({"MAX_PIXELS": 100}, lambda: png("big.png"), "the limit is 100 pixels"),
+        ({"ALLOWED_FORMATS": ["JPEG"]}, lambda: png("p.png"), "PNG images are not accepted"),
+        ({"MAX_FRAMES": 2}, three_frame_gif, "frames"),
+    ],
+    ids=["pixels", "format", "frames"],
+)
+def test_admin_stock_image_form_applies_the_upload_rules(
+    admin_client, media_root, settings, rules, upload, message
+):
+    settings.IMAGETAGS = rules
+    post = Post.objects.create()
+    response = admin_client.post(
+        reverse("admin:imagetags_stockimage_add"),
+        {
+            "post": post.pk,
+            "image": upload(),
+            "created_0": "2026-01-01",
+            "created_1": "12:00:00",
+        },
+    )
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors["image"]
+    assert any(message in error for error in errors), errors
+    assert not StockImage.objects.exists()
+    assert media_files(media_root) == []
 
 
 @pytest.mark.parametrize(("client_name", "stored"), ADMIN_NAMES)
