@@ -18,7 +18,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.db.models.fields.files import ImageFieldFile
 from django.utils import timezone
@@ -130,9 +130,23 @@ class Tag(models.Model):
         error = tag_name_error(self.name)
         if error:
             raise InvalidTagName(error)
-        if not self.slug:
-            self.slug = self._unique_slug()
-        super().save(*args, **kwargs)
+        if self.slug:
+            super().save(*args, **kwargs)
+            return
+        self.slug = self._unique_slug()
+        try:
+            # A savepoint, so that losing a race keeps the caller's transaction usable.
+            with transaction.atomic():
+                super().save(*args, **kwargs)
+        except IntegrityError:
+            # Another request stored a different name with the same slug between the check
+            # and the insert ("c" and "c++" at once). The same name is the caller's race to
+            # settle (get_or_create does); a slug collision is ours: the name's own suffix.
+            if Tag.objects.filter(name=self.name).exclude(pk=self.pk).exists():
+                self.slug = ""
+                raise
+            self.slug = self._unique_slug(skip_plain=True)
+            super().save(*args, **kwargs)
 
     def clean(self) -> None:
         # Normalised here too, so that ModelForm's uniqueness check sees the stored name.
@@ -141,14 +155,14 @@ class Tag(models.Model):
         if error:
             raise ValidationError({"name": error})
 
-    def _unique_slug(self) -> str:
+    def _unique_slug(self, *, skip_plain: bool = False) -> str:
         # Different names can share a slug ("c++" and "c"; every punctuation-only name is
         # "tag"). On a collision the suffix comes from the name itself, so it is free at once
         # (two queries, whatever the number of tags sharing the base); counting only happens
         # when two names share both the base and the hash.
         base = slugify(self.name, allow_unicode=True)[:TAG_NAME_MAX_LENGTH] or "tag"
         taken = Tag.objects.exclude(pk=self.pk).filter
-        if not taken(slug=base).exists():
+        if not skip_plain and not taken(slug=base).exists():
             return base
         digest = hashlib.sha256(self.name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         slug = f"{base}-{digest}"
