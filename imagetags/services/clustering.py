@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from django.db import connections, models, router, transaction
@@ -33,18 +32,13 @@ from imagetags.models import (
     TagFrequency,
 )
 from imagetags.services import ranking, vectors
+from imagetags.services.errors import ClusteringError
+from imagetags.services.locks import RebuildLease, cleanup_abandoned_sets, rebuild_lock
 from imagetags.services.vectors import l2_normalize
-
-if TYPE_CHECKING:
-    from imagetags.services.locks import RebuildLease
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-class ClusteringError(Exception):
-    """A rebuild cannot go ahead. The message tells the person what to do."""
 
 
 @dataclass
@@ -234,8 +228,6 @@ def rebuild_clusters(
     ``locks.RebuildInProgress`` (a ClusteringError) before doing anything. A set left
     ``building`` by a rebuild that was killed is marked failed and its partial rows are deleted.
     """
-    from imagetags.services.locks import cleanup_abandoned_sets, rebuild_lock
-
     # Before the lock, so that a refused rebuild writes nothing at all (not even the lock row).
     check_library_extractor(current_extractor_key())
     with rebuild_lock() as lease:

@@ -46,7 +46,7 @@ from imagetags.models import (
     RebuildLock,
     TagFrequency,
 )
-from imagetags.services.clustering import ClusteringError
+from imagetags.services.errors import ClusteringError
 
 logger = logging.getLogger(__name__)
 
