@@ -1,8 +1,9 @@
 """Signal handlers, connected in ``ImageTagsConfig.ready()``.
 
 They never compute anything in the request: they enqueue a django-q2 task, with the image id
-only, or delete a deleted image's file, once the surrounding transaction has committed (a
-rolled-back upload enqueues nothing, a rolled-back delete keeps its file).
+only, or delete a deleted image's file (or the file a row was given a new one in place of),
+once the surrounding transaction has committed (a rolled-back upload enqueues nothing, a
+rolled-back delete or replacement keeps the file).
 """
 
 from __future__ import annotations
@@ -69,11 +70,33 @@ def stock_image_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     transaction.on_commit(lambda: delete_stored_file(storage, name), using=kwargs.get("using"))
 
 
+def stock_image_file_replaced(
+    sender: Any, instance: Any, created: bool, raw: bool = False, **kwargs: Any
+) -> None:
+    # A row given a new file (the admin's change form, a site's own code) owns only the new one:
+    # the old file goes once the save commits, as a deleted row's does. As in stock_image_saved,
+    # `_loaded_image_name` still names the file the row had when it was loaded.
+    if raw or created or not instance.file_changed:
+        return
+    old_name = str(getattr(instance, "_loaded_image_name", "") or "")
+    if not old_name or old_name == instance.image.name:
+        return
+    from imagetags.services.stored_files import delete_stored_file
+
+    storage = instance.image.storage
+    transaction.on_commit(lambda: delete_stored_file(storage, old_name), using=kwargs.get("using"))
+
+
 def register_signal_handlers() -> None:
     from imagetags.models import StockImage
 
     post_save.connect(
         stock_image_saved, sender=StockImage, dispatch_uid="imagetags_stock_image_saved"
+    )
+    post_save.connect(
+        stock_image_file_replaced,
+        sender=StockImage,
+        dispatch_uid="imagetags_stock_image_file_replaced",
     )
     post_delete.connect(
         stock_image_deleted, sender=StockImage, dispatch_uid="imagetags_stock_image_deleted"

@@ -97,3 +97,62 @@ def test_a_failing_storage_delete_does_not_fail_the_delete(
         post.delete()
     assert not StockImage.objects.exists()
     assert "Could not delete" in caplog.text
+
+
+def test_a_replaced_file_is_deleted_after_commit_and_the_new_one_kept(
+    make_post, make_upload, media_root, django_capture_on_commit_callbacks
+):
+    image = StockImage.objects.get(pk=make_post(images=1).images.get().pk)
+    old = media_root / image.image.name
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        image.image = make_upload("new.jpg", color=(0, 200, 0))
+        image.save()
+    assert old.exists()  # not before the commit: the save could still be rolled back
+    for callback in callbacks:
+        callback()
+    assert not old.exists()
+    assert (media_root / image.image.name).exists()
+
+
+def test_a_re_save_without_a_new_file_keeps_it(
+    make_post, media_root, django_capture_on_commit_callbacks
+):
+    image = StockImage.objects.get(pk=make_post(images=1).images.get().pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        image.save()
+        image.save(update_fields=["created"])
+    assert (media_root / image.image.name).exists()
+
+
+def test_the_admin_change_form_replacing_a_file_deletes_the_old_one(
+    admin_client, make_post, make_upload, media_root, django_capture_on_commit_callbacks
+):
+    image = make_post(images=1).images.get()
+    old = media_root / image.image.name
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            reverse("admin:imagetags_stockimage_change", args=[image.pk]),
+            {
+                "post": image.post_id,
+                "image": make_upload("replacement.png", fmt="PNG"),
+                "created_0": "2026-01-01",
+                "created_1": "12:00:00",
+            },
+        )
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    image.refresh_from_db()
+    assert image.image.name.endswith("replacement.png")
+    assert not old.exists()
+    assert (media_root / image.image.name).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_replacement_keeps_the_old_file(make_post, make_upload, media_root):
+    image = StockImage.objects.get(pk=make_post(images=1).images.get().pk)
+    old = media_root / image.image.name
+    with pytest.raises(RuntimeError), transaction.atomic():
+        image.image = make_upload("new.jpg")
+        image.save()
+        raise RuntimeError("abort")
+    assert old.exists()
+    assert StockImage.objects.get(pk=image.pk).image.name == str(old.relative_to(media_root))
