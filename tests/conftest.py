@@ -116,6 +116,31 @@ def api(user) -> Client:
 
 
 @pytest.fixture
+def decoded_images_alive(monkeypatch) -> list[int]:
+    """Spy on ``services.posts.open_image``: at each call, how many images it returned earlier
+    are still alive (referenced by someone). All zeros: each upload was let go before the next
+    was decoded."""
+    import gc
+    import weakref
+
+    import imagetags.services.posts as posts
+
+    real_open = posts.open_image
+    alive_at_each_call: list[int] = []
+    returned: list[weakref.ref] = []
+
+    def spying_open(source, **kwargs):
+        gc.collect()
+        alive_at_each_call.append(sum(ref() is not None for ref in returned))
+        image, info = real_open(source, **kwargs)
+        returned.append(weakref.ref(image))
+        return image, info
+
+    monkeypatch.setattr(posts, "open_image", spying_open)
+    return alive_at_each_call
+
+
+@pytest.fixture
 def make_upload() -> Callable[..., SimpleUploadedFile]:
     def factory(name: str = "photo.jpg", **kwargs) -> SimpleUploadedFile:
         return SimpleUploadedFile(name, image_bytes(**kwargs), content_type="image/jpeg")

@@ -123,46 +123,25 @@ def test_merge_keeps_best_score_and_prefers_tags_of_more_images():
 # -- validation holds one decoded upload at a time --------------------------------------------
 
 
-def _spy_on_decoded_images(monkeypatch) -> list[int]:
-    """Patch posts.open_image to record, at each call, how many images it returned earlier
-    are still alive (referenced by someone)."""
-    import gc
-    import weakref
-
-    import imagetags.services.posts as posts
-
-    real_open = posts.open_image
-    alive_at_each_call: list[int] = []
-    returned: list[weakref.ref] = []
-
-    def spying_open(source, **kwargs):
-        gc.collect()
-        alive_at_each_call.append(sum(ref() is not None for ref in returned))
-        image, info = real_open(source, **kwargs)
-        returned.append(weakref.ref(image))
-        return image, info
-
-    monkeypatch.setattr(posts, "open_image", spying_open)
-    return alive_at_each_call
-
-
-def test_validate_uploads_returns_facts_and_keeps_no_decoded_image(monkeypatch, make_upload):
+def test_validate_uploads_returns_facts_and_keeps_no_decoded_image(
+    decoded_images_alive, make_upload
+):
     from imagetags.services.images import ImageInfo
     from imagetags.services.posts import validate_uploads
 
-    alive = _spy_on_decoded_images(monkeypatch)
+    alive = decoded_images_alive
     files = [make_upload(f"{i}.png", fmt="PNG", size=(60, 40)) for i in range(5)]
     infos = validate_uploads(files)
     assert infos == [ImageInfo(format="PNG", width=60, height=40, frames=1)] * 5
     assert alive == [0, 0, 0, 0, 0]  # each decoded image let go before the next file
 
 
-def test_validate_model_inputs_keeps_only_model_inputs(monkeypatch, make_upload):
+def test_validate_model_inputs_keeps_only_model_inputs(decoded_images_alive, make_upload):
     from imagetags.services.extractors import get_extractor
     from imagetags.services.posts import validate_model_inputs
 
     extractor = get_extractor()
-    alive = _spy_on_decoded_images(monkeypatch)
+    alive = decoded_images_alive
     files = [make_upload(f"{i}.png", fmt="PNG", size=(900, 700), pattern="noise") for i in range(4)]
     inputs = validate_model_inputs(files, extractor)
     assert alive == [0, 0, 0, 0]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import io
-import weakref
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -35,21 +33,8 @@ def big_gif(name: str, colour: int) -> SimpleUploadedFile:
 
 
 def test_ten_file_suggestion_request_never_holds_ten_decoded_images(
-    admin_client: Client, library, monkeypatch
+    admin_client: Client, library, monkeypatch, decoded_images_alive
 ):
-    import imagetags.services.posts as posts
-
-    real_open = posts.open_image
-    returned: list[weakref.ref] = []
-    alive_at_each_decode: list[int] = []
-
-    def spying_open(source, **kwargs):
-        gc.collect()
-        alive_at_each_decode.append(sum(ref() is not None for ref in returned))
-        image, info = real_open(source, **kwargs)
-        returned.append(weakref.ref(image))
-        return image, info
-
     extractor = get_extractor()
     embedded_sizes: list[tuple[int, int]] = []
     real_embed = type(extractor).embed_batch
@@ -58,13 +43,12 @@ def test_ten_file_suggestion_request_never_holds_ten_decoded_images(
         embedded_sizes.extend(image.size for image in images)
         return real_embed(self, images)
 
-    monkeypatch.setattr(posts, "open_image", spying_open)
     monkeypatch.setattr(type(extractor), "embed_batch", spying_embed)
     files = [big_gif(f"{i}.gif", i) for i in range(10)]
     response = admin_client.post(reverse("imagetags_api:suggestions"), {"image": files})
     assert response.status_code == 200, response.content
-    assert len(alive_at_each_decode) == 10  # each file decoded once
-    assert max(alive_at_each_decode) == 0  # ... and let go before the next one
+    assert len(decoded_images_alive) == 10  # each file decoded once
+    assert max(decoded_images_alive) == 0  # ... and let go before the next one
     # What waits for the model is its input, not the decoded 3000 × 3000 picture.
     assert len(embedded_sizes) == 10
     assert all(max(size) <= extractor.decode_size for size in embedded_sizes)
