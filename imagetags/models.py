@@ -207,6 +207,16 @@ class Post(models.Model):
         return self.title or f"Post {self.pk}"
 
 
+class PostTagQuerySet(models.QuerySet):
+    def counted(self) -> PostTagQuerySet:
+        """The tags that count as a post's tags for suggestions: sources in
+        ``COUNTED_TAG_SOURCES`` (auto-applied tags are not, so suggestions never feed on
+        themselves). The one place that reads the setting."""
+        from imagetags.conf import imagetags_settings
+
+        return self.filter(source__in=list(imagetags_settings.COUNTED_TAG_SOURCES))
+
+
 class PostTag(models.Model):
     post = models.ForeignKey(Post, on_delete=models.CASCADE, related_name="post_tags")
     tag = models.ForeignKey(Tag, on_delete=models.CASCADE, related_name="post_tags")
@@ -217,6 +227,8 @@ class PostTag(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created = models.DateTimeField(_("created"), default=timezone.now)
+
+    objects = PostTagQuerySet.as_manager()
 
     class Meta:
         constraints = [

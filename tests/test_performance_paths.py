@@ -17,6 +17,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
+from imagetags.core import vectors as core_vectors
 from imagetags.models import ClusterMembership, ClusterSetStatus, StockImage
 from imagetags.services import clustering, vectors
 from imagetags.services.clustering import (
@@ -103,7 +104,7 @@ def test_stack_reads_a_library_of_mixed_formats_and_rejects_bad_rows():
 def test_stack_decodes_block_by_block_across_formats(monkeypatch):
     # Blocks of 4 rows: the first two blocks are uniform (one NumPy step each), the third mixes
     # both formats and is decoded row by row.
-    monkeypatch.setattr(vectors, "_STACK_BLOCK_BYTES", 4 * 4 * 16)
+    monkeypatch.setattr(core_vectors, "_STACK_BLOCK_BYTES", 4 * 4 * 16)
     matrix = _units(11, dim=16, seed=4)
     dtypes = ["float32"] * 4 + ["float16"] * 4 + ["float32", "float16", "float32"]
     rows = [vectors.to_bytes(row, dtype) for row, dtype in zip(matrix, dtypes, strict=True)]

@@ -34,6 +34,7 @@ from imagetags.models import (
 from imagetags.services import ranking, vectors
 from imagetags.services.errors import ClusteringError
 from imagetags.services.locks import RebuildLease, cleanup_abandoned_sets, rebuild_lock
+from imagetags.services.store import read_centers
 from imagetags.services.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -731,13 +732,7 @@ def load_centers(cluster_set: ClusterSet) -> tuple[np.ndarray, list[int], list[i
         cached = _centers_cache.get(cluster_set.pk)
     if cached is not None:
         return cached
-    rows = list(
-        Cluster.objects.filter(cluster_set=cluster_set)
-        .order_by("index")
-        .values_list("pk", "index", "centroid")
-    )
-    centers = vectors.stack((row[2] for row in rows), cluster_set.dim, count=len(rows))
-    value = (centers, [row[0] for row in rows], [row[1] for row in rows])
+    value = read_centers(cluster_set)
     with _centers_lock:
         _centers_cache.clear()  # keep one set: sets are replaced, not used side by side
         _centers_cache[cluster_set.pk] = value

@@ -1,0 +1,6 @@
+"""The vector-search seam: find the library images most similar to a query.
+
+One small interface (:class:`imagetags.search.base.VectorSearch`) and backends registered by
+alias, like the extractors. Serving (``services``) and the offline evaluation both search through
+it, so what ``evaluate_suggestions`` measures is the search the site serves with.
+"""
