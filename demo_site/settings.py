@@ -107,7 +107,7 @@ IMAGETAGS = {
     "EXTRACTOR": extractor_config_from_spec(
         os.environ.get("IMAGETAGS_EXTRACTOR", "vgg16:imagenet")
     ),
-    # A local demo: the README's curl examples log in as admin/admin by HTTP Basic, which the
+    # A local demo: the curl examples of docs/api.md log in as admin/admin by HTTP Basic, which the
     # app leaves off by default (unthrottled password guessing). Never on a public site.
     "API_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",

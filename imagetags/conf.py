@@ -16,8 +16,8 @@ from typing import Any
 
 from django.core.signals import setting_changed
 
-# Every key, its default and what it means. README.md has the same table for humans; a test keeps
-# the two in step.
+# Every key, its default and what it means. docs/settings.md has the same table for humans; a test
+# keeps the two in step.
 DEFAULTS: dict[str, Any] = {
     # Feature extractor: a backend alias from EXTRACTOR_BACKENDS or a dotted path to a
     # FeatureExtractor subclass, and the options passed to its constructor.

@@ -630,7 +630,8 @@ class RebuildLock(models.Model):
 
 
 class PendingUploadBatch(models.Model):
-    """One batch of files the upload form keeps between its two steps (``forms.PendingUpload``).
+    """One batch of files the upload form keeps between its two steps
+    (``services.pending_uploads.PendingUpload``).
 
     The files live in storage; this row says whose they are (for the per-user bound,
     ``MAX_PENDING_UPLOADS_PER_USER``) and whether a post was made from them: ``claimed`` is set

@@ -21,13 +21,13 @@ from django.views.decorators.http import require_POST
 
 from imagetags.conf import imagetags_settings
 from imagetags.forms import (
-    PendingUploadError,
     PostUploadForm,
     human_size,
     suggestion_method,
     unavailable_message,
 )
 from imagetags.services.images import InvalidImage
+from imagetags.services.pending_uploads import PendingUploadError
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable, suggest_many
 from imagetags.services.tagging import parse_tag_input

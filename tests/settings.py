@@ -79,7 +79,7 @@ DATABASES = {
     }
 }
 
-# The production stack (README, "Deployment"): IMAGETAGS_TEST_DATABASE_URL runs the suite on
+# The production stack (docs/deployment.md): IMAGETAGS_TEST_DATABASE_URL runs the suite on
 # PostgreSQL, e.g. postgresql://imagetags:secret@127.0.0.1:5432/imagetags (pytest-django creates
 # and drops test_<name>). A worker subprocess is pointed at that test database by IMAGETAGS_TEST_DB,
 # as it is at the SQLite file otherwise.

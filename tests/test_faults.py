@@ -314,7 +314,7 @@ def test_worker_killed_mid_extraction_is_retried_and_completes(
     if broker == "redis":
         # django-q2's Redis broker has no acknowledgements: the task left the queue when the
         # worker took it and died with it. The image is still pending, so the sweep that a
-        # Redis deployment schedules (README, "Deployment") picks it up again.
+        # Redis deployment schedules (docs/deployment.md) picks it up again.
         assert get_broker().queue_size() == 0
         wait_for(
             lambda: log_contains(second, "running."),

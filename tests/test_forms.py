@@ -16,13 +16,13 @@ from django.test import Client, override_settings
 from django.urls import reverse
 
 from imagetags.forms import (
-    PendingUpload,
     PostUploadForm,
     SuggestedTagsField,
     TagSelection,
     parse_widget_state,
 )
 from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag
+from imagetags.services.pending_uploads import PendingUpload
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import SuggestedTag
 from imagetags.services.tagging import parse_tag_input

@@ -13,8 +13,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connections
 from django.test import Client
 
-from imagetags.forms import PendingUpload, PendingUploadError, PostUploadForm
+from imagetags.forms import PostUploadForm
 from imagetags.models import PendingUploadBatch, Post, StockImage
+from imagetags.services.pending_uploads import PendingUpload, PendingUploadError
 from imagetags.signal_handlers import feature_tasks_suspended
 
 from .conftest import image_bytes

@@ -17,10 +17,10 @@ from django.db import DatabaseError, transaction
 from django.urls import reverse
 from PIL import Image
 
-from imagetags.forms import PendingUpload
 from imagetags.models import FeatureStatus, Post, StockImage, safe_upload_name
 from imagetags.services.images import EXTENSIONS, InvalidImage, extension_matches
 from imagetags.services.library import import_manifest
+from imagetags.services.pending_uploads import PendingUpload
 from imagetags.services.posts import create_post
 
 from .conftest import image_bytes
