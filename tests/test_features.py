@@ -31,7 +31,7 @@ from imagetags.services.features import (
     select_images,
 )
 from imagetags.services.images import InvalidImage, open_image
-from imagetags.signal_handlers import feature_tasks_suspended
+from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.tasks import extract_features
 from tests.conftest import PROJECT_ROOT
 

@@ -15,7 +15,7 @@ from django.test import Client
 
 from imagetags.forms import PendingUpload, PendingUploadError, PostUploadForm
 from imagetags.models import PendingUploadBatch, Post, StockImage
-from imagetags.signal_handlers import feature_tasks_suspended
+from imagetags.services.pipeline_state import feature_tasks_suspended
 
 from .conftest import image_bytes
 

@@ -34,8 +34,8 @@ from django.db import DatabaseError, transaction
 
 from imagetags.models import InvalidTagName, Post, StockImage, TagSource
 from imagetags.services.images import InvalidImage, file_sha256, open_image
+from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.services.tagging import add_tags, clean_tag_name, max_tags_per_post
-from imagetags.signal_handlers import feature_tasks_suspended
 
 logger = logging.getLogger(__name__)
 
