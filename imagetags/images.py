@@ -2,6 +2,9 @@
 
 Every way an image enters the app (upload form, API, admin, ``import_library``, ``suggest_tags``)
 goes through :func:`open_image`, so every path rejects the same bad input with the same message.
+
+Pure rules over a file's bytes (Pillow, NumPy and the settings; no models, no database), so it
+sits in the data layer, under ``models.py``, whose image field names and checks files with it.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from django.test import override_settings
 from django_q.models import Task
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage, open_image
 from imagetags.models import ClusterMembership, FeatureStatus, Post, StockImage, TagSource
 from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
@@ -30,7 +31,6 @@ from imagetags.services.features import (
     ready_images,
     select_images,
 )
-from imagetags.services.images import InvalidImage, open_image
 from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.tasks import extract_features, run_feature_pipeline
 from tests.conftest import PROJECT_ROOT

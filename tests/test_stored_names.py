@@ -18,8 +18,8 @@ from django.urls import reverse
 from PIL import Image
 
 from imagetags.forms import PendingUpload
+from imagetags.images import EXTENSIONS, InvalidImage, extension_matches
 from imagetags.models import FeatureStatus, Post, StockImage, safe_upload_name
-from imagetags.services.images import EXTENSIONS, InvalidImage, extension_matches
 from imagetags.services.library import import_manifest
 from imagetags.services.posts import create_post
 

@@ -31,10 +31,10 @@ from django.utils import timezone
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage
 from imagetags.models import FeatureStatus, StockImage
 from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
-from imagetags.services.images import InvalidImage
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from django.core.files import File
 from django.db import DatabaseError, transaction
 
+from imagetags.images import InvalidImage, file_sha256, open_image
 from imagetags.models import InvalidTagName, Post, StockImage, TagSource
-from imagetags.services.images import InvalidImage, file_sha256, open_image
 from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.services.tagging import add_tags, clean_tag_name, max_tags_per_post
 
