@@ -18,10 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash demo_site/run_demo.sh
 
-## Lint, then the whole test suite (real TensorFlow, scikit-learn, django-q2 worker, SQLite)
+## Lint (ruff, and the layers contracts of pyproject.toml), then the whole test suite (real
+## TensorFlow, scikit-learn, django-q2 worker, SQLite)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Re-take the README's screenshots (docs/screenshots/) with the browser tests
@@ -29,7 +31,7 @@ screenshots: $(STAMP)
 	IMAGETAGS_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest tests/test_browser.py tests/test_admin_browser.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-logo
 
 clean-demo:
 	rm -rf demo.sqlite3 demo_media

@@ -5,8 +5,8 @@ each backend — VGG16 fp32 (TensorFlow, seeded random weights: ImageNet weights
 downloaded here, and speed does not depend on weight values), VGG16 int8 (exported from that
 model by ``manage.py export_int8_model``, calibrated on this library) and MobileNetV2 int8:
 
-1. ``compute_features`` end to end (read file, decode, resize, batch, infer, store, add to the
-   active clustering) against the raw forward pass (``embed_arrays`` on pre-resized arrays) at the
+1. the feature pipeline end to end (``tasks.run_feature_pipeline``: read file, decode, resize,
+   batch, infer, store, add to the active clustering) against the raw forward pass (``embed_arrays`` on pre-resized arrays) at the
    same batch size, interleaved;
 2. ``suggest(path)`` and the API endpoint (``POST /api/imagetags/suggestions/`` under Django's
    test client) against the raw batch-1 forward of the same image, model and centres warm; and
@@ -197,12 +197,12 @@ def _pipeline_vs_raw(
 ) -> None:
     from imagetags.models import StockImage
     from imagetags.services.clustering import rebuild_clusters
-    from imagetags.services.features import compute_features
+    from imagetags.tasks import run_feature_pipeline
 
     n = len(ids)
     # Untimed first pass: stores this backend's vectors (so a clustering of them can be active,
     # as on a live site) and traces the model at this batch size.
-    compute_features(ids, batch_size=batch, force=True)
+    run_feature_pipeline(ids, batch_size=batch, force=True)
     rebuild_clusters(k=8)
 
     cpu: dict[str, list[float]] = {"raw": [], "prepare": []}
@@ -220,7 +220,7 @@ def _pipeline_vs_raw(
 
     def pipeline() -> float:
         started = time.perf_counter()
-        summary = compute_features(ids, batch_size=batch, force=True)
+        summary = run_feature_pipeline(ids, batch_size=batch, force=True)
         seconds = time.perf_counter() - started
         assert summary.ready == n, summary.as_dict()
         return seconds / n
@@ -346,7 +346,7 @@ def _phone_photos(ctx: Context, extractor: Any, photos: list[Photo], rounds: int
     """What decoding JPEGs at the model's scale (``open_image``'s ``draft_size``) saves on the
     photos people upload from phones: feedme-dev photos enlarged to 12 megapixels (4032 × 3024
     pixels, JPEG quality 90), opened and resized for the model with and without the draft."""
-    from imagetags.services.images import open_image
+    from imagetags.images import open_image
 
     phones = []
     for photo in photos:

@@ -56,6 +56,7 @@ def main() -> None:
     from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.extractors import warm_up
     from imagetags.services.suggest import suggest
+    from imagetags.tasks import run_feature_pipeline
 
     library, queries = feedme_split()
     ids = import_photos(library[: args.images])
@@ -82,7 +83,7 @@ def main() -> None:
     started = time.perf_counter()
     with transaction.atomic():
         profiler.enable()
-        summary = features.compute_features(ids, batch_size=args.batch_size, force=True)
+        summary = run_feature_pipeline(ids, batch_size=args.batch_size, force=True)
         profiler.disable()
     sequential = time.perf_counter() - started
     print(f"compute_features, {args.backend}, {summary.ready} images, batch {args.batch_size}")
@@ -99,7 +100,7 @@ def main() -> None:
     # 2. The pipeline as it runs outside a transaction: the model in its own thread.
     decode_seconds[0] = 0.0
     started = time.perf_counter()
-    summary = features.compute_features(ids, batch_size=args.batch_size, force=True)
+    summary = run_feature_pipeline(ids, batch_size=args.batch_size, force=True)
     wall = time.perf_counter() - started
     print(
         f"  pipelined (model thread, decoding threads, this thread storing): wall {wall:.2f} s "
@@ -143,6 +144,7 @@ STAGES = [
     ("waiting for decoded images (Future.result)", "result"),
     ("storing a batch (features._process_batch)", "_process_batch"),
     ("  of which the batch UPDATE (_write_rows)", "_write_rows"),
+    ("the next steps (tasks.after_vectors_stored)", "after_vectors_stored"),
     ("  of which joining the active clustering", "assign_to_active_set"),
     ("reading the next batch's rows (start_batch)", "start_batch"),
 ]

@@ -25,6 +25,8 @@ from django.utils import timezone
 from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
+from imagetags.images import InvalidImage, file_sha256, open_image, stored_extension
+
 TAG_NAME_MAX_LENGTH = 100
 _WHITESPACE = re.compile(r"\s+")
 
@@ -292,8 +294,6 @@ class StoredImageFieldFile(ImageFieldFile):
     ``images.InvalidImage`` before anything is written."""
 
     def save(self, name: str, content: Any, save: bool = True) -> None:
-        from imagetags.services.images import stored_extension
-
         super().save(safe_upload_name(name, stored_extension(content)), content, save)
 
 
@@ -307,8 +307,6 @@ class UploadRulesImageFormField(forms.ImageField):
         upload = super().to_python(data)
         if upload is None:
             return None
-        from imagetags.services.images import InvalidImage, open_image
-
         try:
             open_image(upload)
         except InvalidImage as exc:
@@ -379,8 +377,6 @@ class StockImage(models.Model):
         # The features themselves are computed by a background task (signal_handlers.py).
         changed = self.file_changed
         if changed and self.image:
-            from imagetags.services.images import file_sha256
-
             self.sha256 = file_sha256(self.image)
             self.feature_status = FeatureStatus.PENDING
             self.feature_error = ""

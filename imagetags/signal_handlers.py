@@ -8,29 +8,13 @@ rolled-back delete or replacement keeps the file).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 
 from imagetags.conf import imagetags_settings
-
-_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "imagetags_feature_tasks_suspended", default=False
-)
-
-
-@contextlib.contextmanager
-def feature_tasks_suspended() -> Iterator[None]:
-    """Do not enqueue feature tasks inside this block (bulk work that computes features itself)."""
-    token = _suspended.set(True)
-    try:
-        yield
-    finally:
-        _suspended.reset(token)
+from imagetags.services.pipeline_state import feature_tasks_are_suspended
 
 
 def enqueue_feature_extraction(image_id: int) -> None:
@@ -47,7 +31,7 @@ def enqueue_feature_extraction(image_id: int) -> None:
 def stock_image_saved(
     sender: Any, instance: Any, created: bool, raw: bool = False, **kwargs: Any
 ) -> None:
-    if raw or not imagetags_settings.AUTO_FEATURES or _suspended.get():
+    if raw or not imagetags_settings.AUTO_FEATURES or feature_tasks_are_suspended():
         return
     # post_save runs inside Model.save(), before StockImage.save() records the new file name, so
     # `file_changed` still compares with the name loaded from the database: True for a new row

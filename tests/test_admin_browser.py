@@ -28,6 +28,7 @@ from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.library import import_manifest
 from imagetags.services.library_map import cluster_labels
+from imagetags.tasks import run_feature_pipeline
 
 from .conftest import (
     BROWSER_TEST_MARKS,
@@ -89,7 +90,7 @@ def admin_library(settings, tmp_path) -> ClusterSet:
         manifest = _pexels_manifest(tmp_path / "library")
     else:
         manifest = _drawn_manifest(tmp_path / "library")
-    summary = import_manifest(manifest, compute_features=True)
+    summary = import_manifest(manifest, feature_pipeline=run_feature_pipeline)
     assert not summary.rejected and summary.features["failed"] == 0, summary
     return rebuild_clusters(algorithm="kmeans", seed=0)
 

@@ -18,6 +18,7 @@ from django.urls import reverse
 from drf_spectacular.validation import validate_schema
 
 from imagetags.api.serializers import SuggestedTagSerializer, SuggestionsSerializer
+from imagetags.images import InvalidImage, open_image
 from imagetags.models import (
     ClusterSet,
     ClusterSetStatus,
@@ -31,7 +32,6 @@ from imagetags.models import (
 from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
-from imagetags.services.images import InvalidImage, open_image
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestedTag, suggest, suggest_many
 
@@ -126,7 +126,7 @@ def test_several_images_merge_their_suggestions(api, colour_library):
 def test_each_upload_is_decoded_once(api, colour_library, monkeypatch):
     """The endpoint validates the uploads by opening them, and embeds what it opened: decoding
     a file a second time would cost as much as a light model's forward pass."""
-    from imagetags.services import images
+    from imagetags import images
 
     opened = []
     real_open = images.open_image

@@ -24,6 +24,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from PIL import Image
 
+from imagetags.images import InvalidImage, open_image, to_model_input
 from imagetags.models import (
     TAG_NAME_MAX_LENGTH,
     FeatureStatus,
@@ -36,7 +37,6 @@ from imagetags.models import (
 from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
-from imagetags.services.images import InvalidImage, open_image, to_model_input
 from imagetags.services.library import ManifestError, import_manifest
 from imagetags.services.posts import ShownSuggestion, TooManyFiles, create_post
 from imagetags.services.tagging import InvalidTagName

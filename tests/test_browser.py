@@ -25,7 +25,7 @@ from imagetags.models import FeedbackChannel, Post, PostTag, StockImage, Suggest
 from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.features import compute_features
-from imagetags.signal_handlers import feature_tasks_suspended
+from imagetags.services.pipeline_state import feature_tasks_suspended
 
 from .conftest import (
     BROWSER_TEST_MARKS,

@@ -21,6 +21,7 @@ from django.test import override_settings
 from django_q.models import Task
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage, open_image
 from imagetags.models import ClusterMembership, FeatureStatus, Post, StockImage, TagSource
 from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
@@ -30,9 +31,8 @@ from imagetags.services.features import (
     ready_images,
     select_images,
 )
-from imagetags.services.images import InvalidImage, open_image
-from imagetags.signal_handlers import feature_tasks_suspended
-from imagetags.tasks import extract_features
+from imagetags.services.pipeline_state import feature_tasks_suspended
+from imagetags.tasks import extract_features, run_feature_pipeline
 from tests.conftest import PROJECT_ROOT
 
 GARBAGE = b"this is not an image at all"
@@ -560,7 +560,7 @@ def test_command_exits_non_zero_when_the_weights_file_is_broken(tmp_path):
     assert "Check IMAGETAGS['EXTRACTOR']" in result.stderr
 
 
-# --- after a batch: incremental clustering and auto-tagging ------------------------------------
+# --- after a batch: incremental clustering and auto-tagging (the pipeline in tasks.py) ---------
 
 
 @pytest.fixture
@@ -574,41 +574,79 @@ def clustered_library(make_post):
     return rebuild_clusters(k=2, algorithm="kmeans")
 
 
+@pytest.fixture
+def auto_tag(settings) -> None:
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "AUTO_TAG": True, "AUTO_TAG_THRESHOLD": None}
+
+
 def test_new_vectors_join_the_active_clustering_at_once(make_post, clustered_library):
     image = make_post(tags=["tomato"], color=(220, 20, 20), pattern="noise").images.get()
     assert not ClusterMembership.objects.filter(image=image).exists()
 
-    compute_features([image.pk])
+    run_feature_pipeline([image.pk])
 
     membership = ClusterMembership.objects.get(image=image)
     assert membership.cluster_set == clustered_library
     # Running again neither moves nor double-counts it.
-    compute_features([image.pk], force=True)
+    run_feature_pipeline([image.pk], force=True)
     assert ClusterMembership.objects.filter(image=image).count() == 1
 
 
 def test_auto_tags_wait_until_all_images_of_a_post_are_ready(
-    make_post, clustered_library, settings
+    make_post, clustered_library, auto_tag
 ):
-    auto = {**settings.IMAGETAGS, "AUTO_TAG": True, "AUTO_TAG_THRESHOLD": None}
-    with override_settings(IMAGETAGS=auto):
-        post = make_post(images=2, color=(220, 20, 20), pattern="noise")  # no tags yet
-        first, second = post.images.order_by("pk")
+    post = make_post(images=2, color=(220, 20, 20), pattern="noise")  # no tags yet
+    first, second = post.images.order_by("pk")
 
-        compute_features([first.pk])
-        assert not post.post_tags.exists()  # the second image is still pending
+    run_feature_pipeline([first.pk])
+    assert not post.post_tags.exists()  # the second image is still pending
 
-        compute_features([second.pk])
-        sources = set(post.post_tags.values_list("source", flat=True))
-        assert sources == {TagSource.AUTO}
-        assert set(post.tags.values_list("name", flat=True)) <= {"tomato", "sea"}
+    run_feature_pipeline([second.pk])
+    sources = set(post.post_tags.values_list("source", flat=True))
+    assert sources == {TagSource.AUTO}
+    assert set(post.tags.values_list("name", flat=True)) <= {"tomato", "sea"}
 
 
 def test_no_auto_tags_when_the_setting_is_off(make_post, clustered_library):
     post = make_post(images=1, color=(220, 20, 20), pattern="noise")
-    compute_features(post.images.values_list("pk", flat=True))
+    run_feature_pipeline(post.images.values_list("pk", flat=True))
     assert post.images.get().feature_status == FeatureStatus.READY
     assert not post.post_tags.exists()
+
+
+def test_computing_features_alone_neither_assigns_nor_auto_tags(
+    make_post, clustered_library, auto_tag
+):
+    """Only tasks.py chains the pipeline: the features service stores vectors and stops."""
+    post = make_post(images=1, color=(220, 20, 20), pattern="noise")
+    image = post.images.get()
+
+    assert compute_features([image.pk]).ready == 1
+
+    image.refresh_from_db()
+    assert image.feature_status == FeatureStatus.READY
+    assert not ClusterMembership.objects.filter(image=image).exists()
+    assert not post.post_tags.exists()
+
+
+def test_the_task_runs_the_whole_pipeline(make_post, clustered_library, auto_tag):
+    post = make_post(images=1, color=(220, 20, 20), pattern="noise")
+    image = post.images.get()
+
+    assert extract_features(image.pk)["ready"] == 1
+
+    assert ClusterMembership.objects.get(image=image).cluster_set == clustered_library
+    assert set(post.post_tags.values_list("source", flat=True)) == {TagSource.AUTO}
+
+
+def test_the_command_runs_the_whole_pipeline(make_post, clustered_library, auto_tag):
+    post = make_post(images=2, color=(220, 20, 20), pattern="noise")
+
+    call_command("compute_features", "--batch-size", "1", stdout=io.StringIO())
+
+    members = ClusterMembership.objects.filter(image__post=post, cluster_set=clustered_library)
+    assert members.count() == 2
+    assert set(post.post_tags.values_list("source", flat=True)) == {TagSource.AUTO}
 
 
 # --- old rows ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagetags.services.images import (
+from imagetags.images import (
     ImageInfo,
     InvalidImage,
     file_sha256,

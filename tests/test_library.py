@@ -10,7 +10,15 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError
 
-from imagetags.models import FeatureStatus, Post, PostTag, StockImage, Tag, TagSource
+from imagetags.models import (
+    ClusterMembership,
+    FeatureStatus,
+    Post,
+    PostTag,
+    StockImage,
+    Tag,
+    TagSource,
+)
 from imagetags.services.library import import_manifest, parse_manifest
 from tests.conftest import image_bytes
 
@@ -385,6 +393,23 @@ def test_compute_features_embeds_in_batches_without_enqueuing_tasks(
     assert data["features"]["ready"] == 3
     assert enqueued == []
     assert set(StockImage.objects.values_list("feature_status", flat=True)) == {FeatureStatus.READY}
+
+
+@pytest.mark.django_db
+def test_compute_features_runs_the_whole_pipeline(lib: Path) -> None:
+    """--compute-features embeds through tasks.run_feature_pipeline: the new images join the
+    active clustering at once, as the per-image tasks would have made them."""
+    from imagetags.services.clustering import rebuild_clusters
+
+    first = write_manifest(lib, [row(write_image(lib, f"{n}.jpg", n), ["x"]) for n in range(2)])
+    call_command("import_library", str(first), "--compute-features", stdout=StringIO())
+    active = rebuild_clusters(k=1, algorithm="kmeans")
+    later = write_manifest(lib, [row(write_image(lib, "9.jpg", 9), ["y"])], name="later.jsonl")
+
+    call_command("import_library", str(later), "--compute-features", stdout=StringIO())
+
+    image = StockImage.objects.get(post__tags__name="y")
+    assert ClusterMembership.objects.filter(image=image, cluster_set=active).count() == 1
 
 
 @pytest.mark.django_db

@@ -16,7 +16,7 @@ from django.test import Client
 from imagetags.forms import PostUploadForm
 from imagetags.models import PendingUploadBatch, Post, StockImage
 from imagetags.services.pending_uploads import PendingUpload, PendingUploadError
-from imagetags.signal_handlers import feature_tasks_suspended
+from imagetags.services.pipeline_state import feature_tasks_suspended
 
 from .conftest import image_bytes
 

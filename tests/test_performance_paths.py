@@ -18,6 +18,7 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 
 from imagetags.core import vectors as core_vectors
+from imagetags.images import open_image
 from imagetags.models import ClusterMembership, ClusterSetStatus, StockImage
 from imagetags.services import clustering, vectors
 from imagetags.services.clustering import (
@@ -27,7 +28,6 @@ from imagetags.services.clustering import (
     rows_per_read,
 )
 from imagetags.services.extractors import FeatureExtractor, get_extractor
-from imagetags.services.images import open_image
 
 from .conftest import DIM, unit
 
@@ -426,7 +426,7 @@ def test_export_command_writes_a_model_that_agrees_with_fp32(make_post, settings
     assert int8.dim == fp32.dim == 512 and int8.key != fp32.key
     images = []
     for image in StockImage.objects.order_by("pk")[:5]:
-        from imagetags.services.images import open_image
+        from imagetags.images import open_image
 
         with image.image.open("rb") as fh:
             images.append(open_image(fh)[0])

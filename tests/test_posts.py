@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from imagetags.images import InvalidImage
 from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag
-from imagetags.services.images import InvalidImage
 from imagetags.services.posts import ShownSuggestion, TooManyFiles, create_post
 from imagetags.services.suggest import SuggestedTag, Suggestions, merge_suggestions
 from imagetags.services.tagging import InvalidTagName
@@ -126,7 +126,7 @@ def test_merge_keeps_best_score_and_prefers_tags_of_more_images():
 def test_validate_uploads_returns_facts_and_keeps_no_decoded_image(
     decoded_images_alive, make_upload
 ):
-    from imagetags.services.images import ImageInfo
+    from imagetags.images import ImageInfo
     from imagetags.services.posts import validate_uploads
 
     alive = decoded_images_alive

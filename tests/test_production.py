@@ -35,9 +35,10 @@ from imagetags.models import (
 from imagetags.services import ranking, vectors
 from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
+from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.services.posts import create_post
 from imagetags.services.suggest import suggest
-from imagetags.signal_handlers import enqueue_feature_extraction, feature_tasks_suspended
+from imagetags.signal_handlers import enqueue_feature_extraction
 from tests.conftest import image_bytes, unit
 from tests.processes import (
     READY_TIMEOUT,

@@ -17,8 +17,8 @@ from django.db import DatabaseError, transaction
 from django.urls import reverse
 from PIL import Image
 
+from imagetags.images import EXTENSIONS, InvalidImage, extension_matches
 from imagetags.models import FeatureStatus, Post, StockImage, safe_upload_name
-from imagetags.services.images import EXTENSIONS, InvalidImage, extension_matches
 from imagetags.services.library import import_manifest
 from imagetags.services.pending_uploads import PendingUpload
 from imagetags.services.posts import create_post

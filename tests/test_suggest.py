@@ -8,9 +8,9 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from imagetags.images import InvalidImage
 from imagetags.models import ClusterSet, FeatureStatus, StockImage
 from imagetags.services import vectors
-from imagetags.services.images import InvalidImage
 from imagetags.services.suggest import ExtractorMismatch, NoActiveClusters, suggest
 
 from .conftest import image_bytes, unit

@@ -11,6 +11,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from imagetags.admin.common import thumbnail
+from imagetags.images import InvalidImage
 from imagetags.models import (
     Cluster,
     ClusterMembership,
@@ -20,7 +21,6 @@ from imagetags.models import (
     StockImage,
 )
 from imagetags.services.extractors import get_extractor
-from imagetags.services.images import InvalidImage
 from imagetags.services.library_map import cluster_labels
 from imagetags.services.suggest import SuggestionUnavailable, suggest
 from imagetags.signal_handlers import enqueue_feature_extraction

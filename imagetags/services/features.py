@@ -7,8 +7,10 @@ are simply not read (``compute_features --stale`` recomputes them), and switchin
 makes every one of them usable again at once. Every reader filters by status *and* key, so
 vectors of two extractors are never mixed.
 
-:func:`compute_features` is what both the django-q2 task (one id) and the ``compute_features``
-command (thousands of ids) call. It is idempotent, so a task delivered twice stores one vector,
+:func:`compute_features` embeds and stores, nothing more: it is the first step of the pipeline
+that ``imagetags.tasks.run_feature_pipeline`` chains (embed → assign → auto-tag), which the
+django-q2 task (one id) and the ``compute_features`` command (thousands of ids) both run, handing
+the later steps in as ``on_ready``. It is idempotent, so a task delivered twice stores one vector,
 and it never deletes an image row: a file that cannot be read marks its row ``failed`` with a
 reason a person can act on.
 """
@@ -29,16 +31,17 @@ from django.utils import timezone
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
-from imagetags.models import FeatureStatus, Post, StockImage
+from imagetags.images import InvalidImage
+from imagetags.models import FeatureStatus, StockImage
 from imagetags.services import vectors
-from imagetags.services.clustering import assign_to_active_set
 from imagetags.services.extractors import FeatureExtractor, get_extractor
-from imagetags.services.images import InvalidImage
-from imagetags.services.tagging import apply_auto_tags
 
 logger = logging.getLogger(__name__)
 
 SelectMode = Literal["missing", "stale", "all"]
+# Called with the rows of one stored batch that got a vector, and the extractor key, once they
+# are committed (the pipeline's next steps: imagetags.tasks.after_vectors_stored).
+OnReady = Callable[[list[StockImage], str], None]
 SELECT_MODES: tuple[str, ...] = ("missing", "stale", "all")
 
 # Two decoding threads keep the next batch decoding while the model embeds the current one; more
@@ -220,13 +223,14 @@ def compute_features(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     force: bool = False,
+    on_ready: OnReady | None = None,
 ) -> FeatureRunSummary:
     """Embed the given images and store their vectors; returns counts and errors.
 
     - An image already ready with this extractor's key is skipped unless ``force``.
     - A three-stage pipeline keeps the model busy: two threads decode and resize batch n + 1
       while a model thread embeds batch n and this thread stores batch n - 1 (one
-      ``executemany`` per batch, then the active clustering). Inside a transaction the model
+      ``executemany`` per batch, then ``on_ready``). Inside a transaction the model
       runs in this thread instead (see ``overlap`` below). Every database query stays in this
       thread.
     - A file that cannot be opened marks its image ``failed`` with the reason; an exception from
@@ -234,8 +238,9 @@ def compute_features(
       deleted. ``feature_attempts`` grows by one for every image that was tried.
     - A row whose file changed while it was being embedded keeps its new state (a new task is
       already queued for it) and is counted as skipped.
-    - Each stored batch is added to the active clustering at once, and, with ``AUTO_TAG`` on,
-      posts whose images are all done get their automatic tags.
+    - ``on_ready(rows, key)`` is called after each stored batch with its rows that got a
+      vector (committed already), while the model embeds the next batch; without it, nothing
+      but the vectors is written (the pipeline in ``imagetags.tasks`` passes the next steps).
 
     ``progress(n_done)`` is called after each batch with the number of images handled so far
     (skipped ones included). Failing to load the extractor raises before any row is touched.
@@ -270,14 +275,16 @@ def compute_features(
 
         def finish(batch: _Batch, embedding: Future[_Embedded]) -> None:
             nonlocal done
-            _process_batch(batch, embedding.result(), key, summary)
+            ready = _process_batch(batch, embedding.result(), key, summary)
+            if ready and on_ready is not None:
+                on_ready(ready, key)
             done += batch.size
             if progress is not None:
                 progress(done)
 
         # A three-stage pipeline: while the model embeds batch n (in its own thread: TensorFlow
         # and TFLite release the GIL), this thread stores batch n - 1 (database writes, the
-        # active clustering, auto-tags) and the decoding threads read batch n + 1's files.
+        # on_ready's steps) and the decoding threads read batch n + 1's files.
         ahead: _Batch | None = None
         embedding: tuple[_Batch, Future[_Embedded]] | None = None
         for batch_ids in [*_chunks(ids, batch_size), None]:
@@ -347,14 +354,14 @@ def _embed_batch(batch: _Batch, extractor: FeatureExtractor) -> _Embedded:
 
 def _process_batch(
     batch: _Batch, embedded: _Embedded, key: str, summary: FeatureRunSummary
-) -> None:
-    """Store one embedded batch: vectors or failures, the active clustering, auto-tags.
+) -> list[StockImage]:
+    """Store one embedded batch, vectors or failures; returns the rows that got a vector.
 
     Runs in the calling thread, the only one that touches the database. (Fault-injection tests
     wrap this function by name to stop a worker before it writes anything.)
     """
     if not batch.rows:
-        return
+        return []
     errors = embedded.errors
     now = timezone.now()
     ready: list[StockImage] = []
@@ -399,8 +406,7 @@ def _process_batch(
             to_write.append(row)
         if to_write:
             _write_rows(to_write)
-    if ready:
-        _after_ready(ready, key)
+    return ready
 
 
 def _write_rows(rows: list[StockImage]) -> None:
@@ -427,31 +433,3 @@ def _write_rows(rows: list[StockImage]) -> None:
     ]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
-
-
-def _after_ready(ready: list[StockImage], key: str) -> None:
-    """Put fresh vectors into the active clustering, then auto-tag posts that are complete.
-
-    The vectors are committed already; a failure here must not turn them into failed images, so
-    it is logged and the next rebuild (which reads every ready vector) makes up for it.
-    """
-    try:
-        assign_to_active_set(ready)
-    except Exception:
-        logger.exception("Could not add %d new vectors to the active clustering", len(ready))
-
-    if not imagetags_settings.AUTO_TAG:
-        return
-    post_ids = {row.post_id for row in ready}
-    # A post is auto-tagged once none of its images is still waiting for a vector of this
-    # extractor (failed images do not hold it back forever).
-    waiting = set(
-        StockImage.objects.filter(waiting_for_vector(key), post_id__in=post_ids).values_list(
-            "post_id", flat=True
-        )
-    )
-    for post in Post.objects.filter(pk__in=post_ids - waiting):
-        try:
-            apply_auto_tags(post)
-        except Exception:
-            logger.exception("Auto-tagging post %s failed", post.pk)

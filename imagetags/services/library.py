@@ -27,15 +27,18 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.files import File
 from django.db import DatabaseError, transaction
 
+from imagetags.images import InvalidImage, file_sha256, open_image
 from imagetags.models import InvalidTagName, Post, StockImage, TagSource
-from imagetags.services.images import InvalidImage, file_sha256, open_image
+from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.services.tagging import add_tags, clean_tag_name, max_tags_per_post
-from imagetags.signal_handlers import feature_tasks_suspended
+
+if TYPE_CHECKING:
+    from imagetags.services.features import FeatureRunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,11 @@ OWNER_MAX_LENGTH = 200  # Post.external_owner
 # Called with (items handled so far, total items): manifest lines while importing, images while
 # computing features.
 Progress = Callable[[int, int], None]
+
+# What embeds the imported images: ``imagetags.tasks.run_feature_pipeline`` (the command passes
+# it in, as a service must not import the pipeline layer above it), called as
+# ``pipeline(image_ids, batch_size=..., progress=...)``.
+FeaturePipeline = Callable[..., "FeatureRunSummary"]
 
 
 class ManifestError(Exception):
@@ -100,7 +108,7 @@ class ImportSummary:
     posts_updated: int = 0  # existing posts (found by import key) that got images or tags
     rejected: list[Rejection] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)  # the saved StockImages
-    features: dict[str, Any] | None = None  # compute_features' summary with --compute-features
+    features: dict[str, Any] | None = None  # the feature pipeline's summary, when one ran
 
     def as_dict(self, max_rejections: int | None = None) -> dict[str, Any]:
         rejections = self.rejected if max_rejections is None else self.rejected[:max_rejections]
@@ -286,7 +294,7 @@ def import_manifest(
     *,
     dry_run: bool = False,
     limit: int | None = None,
-    compute_features: bool = False,
+    feature_pipeline: FeaturePipeline | None = None,
     namespace: str | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
@@ -299,8 +307,8 @@ def import_manifest(
     its lines are reported as rejected, and the import goes on with the next post.
 
     ``dry_run`` checks everything (lines, images, what is already present) and writes nothing.
-    ``compute_features`` suspends the per-image feature tasks during the import and computes the
-    new images' features afterwards in batches of ``batch_size``. ``progress(done, total)`` is
+    ``feature_pipeline`` suspends the per-image feature tasks during the import and runs that
+    pipeline over the new images afterwards, in batches of ``batch_size``. ``progress(done, total)`` is
     called after each post with manifest lines handled, ``feature_progress(done, total)`` after
     each feature batch. ``limit`` reads only the first ``limit`` manifest entries.
     """
@@ -313,9 +321,9 @@ def import_manifest(
     entries = parse_manifest(manifest, limit=limit)
     summary = ImportSummary(manifest=str(manifest), namespace=namespace, dry_run=dry_run)
     importer = _Importer(summary, dry_run=dry_run)
-    # With compute_features the new images are embedded below in batches, so the per-image
+    # With a feature pipeline the new images are embedded below in batches, so the per-image
     # tasks the post_save signal would enqueue are suspended; otherwise they do the work.
-    suspend = feature_tasks_suspended() if compute_features else contextlib.nullcontext()
+    suspend = feature_tasks_suspended() if feature_pipeline else contextlib.nullcontext()
     done = 0
     with suspend:
         for group in group_posts(entries).values():
@@ -324,11 +332,9 @@ def import_manifest(
             if progress is not None:
                 progress(done, len(entries))
     summary.rejected.sort(key=lambda rejection: rejection.line)
-    if compute_features and summary.image_ids and not dry_run:
-        from imagetags.services.features import compute_features as compute
-
+    if feature_pipeline is not None and summary.image_ids and not dry_run:
         total = len(summary.image_ids)
-        result = compute(
+        result = feature_pipeline(
             summary.image_ids,
             batch_size=batch_size,
             progress=(lambda done: feature_progress(done, total)) if feature_progress else None,

@@ -36,8 +36,8 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import stored_extension
 from imagetags.models import PendingUploadBatch, StockImage
-from imagetags.services.images import stored_extension
 from imagetags.services.posts import discard_files_on_error
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from django.db import transaction
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import ImageInfo, InvalidImage, open_image
 from imagetags.models import (
     ClusterSet,
     FeedbackChannel,
@@ -27,7 +28,6 @@ from imagetags.models import (
     Tag,
     TagSource,
 )
-from imagetags.services.images import ImageInfo, InvalidImage, open_image
 from imagetags.services.shown import MAX_SHOWN_SUGGESTIONS, ShownRecord, ShownSuggestion
 from imagetags.services.tagging import add_tags, check_tag_count, clean_tag_name
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from django.core.files.storage import Storage
 from django.db import transaction
 
-from imagetags.models import StockImage, safe_upload_name
-from imagetags.services.images import (
+from imagetags.images import (
     InvalidImage,
     detect_format,
     extension_for_format,
     extension_matches,
 )
+from imagetags.models import StockImage, safe_upload_name
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from imagetags.conf import imagetags_settings
 from imagetags.models import FeatureStatus, StockImage
 from imagetags.services import features
 from imagetags.services.extractors import get_extractor
+from imagetags.tasks import run_feature_pipeline
 
 # How many failed images the summary lists; the rest are in each image's feature_error.
 SHOWN_ERRORS = 5
@@ -144,7 +145,7 @@ class Command(BaseCommand):
             def advance(done: int) -> None:
                 bar.update(done - bar.n)
 
-            return features.compute_features(
+            return run_feature_pipeline(
                 selected,
                 extractor=extractor,
                 batch_size=batch_size,

@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage
 from imagetags.models import StockImage
 from imagetags.services.extractors import (
     extractor_config_from_spec,
@@ -22,7 +23,6 @@ from imagetags.services.extractors import (
 )
 from imagetags.services.extractors.quantize import MIN_SAMPLES, QuantizationError, export_int8
 from imagetags.services.extractors.vgg16 import VGG16Extractor
-from imagetags.services.images import InvalidImage
 
 
 class Command(BaseCommand):

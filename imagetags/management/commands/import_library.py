@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.services.library import ImportSummary, ManifestError, import_manifest
+from imagetags.tasks import run_feature_pipeline
 
 
 class Command(BaseCommand):
@@ -88,7 +89,7 @@ class Command(BaseCommand):
                 options["manifest"],
                 dry_run=options["dry_run"],
                 limit=options["limit"],
-                compute_features=options["compute_features"],
+                feature_pipeline=run_feature_pipeline if options["compute_features"] else None,
                 namespace=options["namespace"],
                 batch_size=options["batch_size"],
                 progress=bar_progress("Importing", "line"),

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.conf import imagetags_settings
-from imagetags.services.images import InvalidImage
+from imagetags.images import InvalidImage
 from imagetags.services.suggest import SuggestionUnavailable, suggest
 from imagetags.services.tagging import parse_tag_input
 

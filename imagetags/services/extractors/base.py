@@ -82,7 +82,7 @@ class FeatureExtractor(ABC):
         Every path that embeds a file (features, suggestions, evaluation, the int8 export) opens
         it here, so a photo gets the same vector whichever path embeds it.
         """
-        from imagetags.services.images import open_image
+        from imagetags.images import open_image
 
         image, _info = open_image(source, draft_size=self.decode_size)
         return image
@@ -93,7 +93,7 @@ class FeatureExtractor(ABC):
         The whole image is squashed to a square, as the patent feeds 224×224×3 images; cropping
         would drop content that carries tags.
         """
-        from imagetags.services.images import to_model_input
+        from imagetags.images import to_model_input
 
         return to_model_input(image, self.input_size)
 

@@ -209,7 +209,7 @@ class TFLiteExtractor(FeatureExtractor):
         height, width = int(self._input["shape"][1]), int(self._input["shape"][2])
         if height == width:
             return super().prepare(image)
-        from imagetags.services.images import to_rgb
+        from imagetags.images import to_rgb
 
         rgb = to_rgb(image) if image.mode != "RGB" else image
         resized = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
