@@ -23,12 +23,12 @@ from django.db import transaction
 from django.utils.translation import gettext_lazy as _
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage
 from imagetags.models import (
     FeedbackChannel,
     Post,
     normalize_tag_name,
 )
-from imagetags.services.images import InvalidImage
 from imagetags.services.pending_uploads import PendingUpload, PendingUploadError
 from imagetags.services.posts import create_post, validate_uploads
 from imagetags.services.shown import (

@@ -26,7 +26,7 @@ from imagetags.forms import (
     suggestion_method,
     unavailable_message,
 )
-from imagetags.services.images import InvalidImage
+from imagetags.images import InvalidImage
 from imagetags.services.pending_uploads import PendingUploadError
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable, suggest_many

@@ -12,9 +12,9 @@ from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage
 from imagetags.models import Cluster, Post, PostTag, StockImage, Tag
 from imagetags.services.extractors import get_extractor
-from imagetags.services.images import InvalidImage
 from imagetags.services.posts import validate_model_inputs
 from imagetags.services.shown import (
     MAX_SHOWN_SUGGESTIONS,

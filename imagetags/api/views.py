@@ -47,6 +47,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import InvalidImage
 from imagetags.models import (
     Cluster,
     ClusterSetStatus,
@@ -57,7 +58,6 @@ from imagetags.models import (
     Tag,
     TagFrequency,
 )
-from imagetags.services.images import InvalidImage
 from imagetags.services.posts import create_post
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import (

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagetags.images import InvalidImage, file_sha256, open_image
 from imagetags.services import ranking
 from imagetags.services.extractors import FeatureExtractor
-from imagetags.services.images import InvalidImage, file_sha256, open_image
 from imagetags.services.library import (
     ManifestEntry,
     Rejection,

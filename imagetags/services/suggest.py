@@ -22,6 +22,7 @@ from django.db import DatabaseError, connections, router
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import ImageSource
 from imagetags.models import (
     ClusterSet,
     ClusterSetStatus,
@@ -32,7 +33,6 @@ from imagetags.models import (
 )
 from imagetags.services import ranking, vectors
 from imagetags.services.clustering import load_centers
-from imagetags.services.images import ImageSource
 
 logger = logging.getLogger(__name__)
 
