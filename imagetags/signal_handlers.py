@@ -20,7 +20,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import QuerySet
-from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
 from imagetags.conf import imagetags_settings
 from imagetags.models import Post, PostTag, StockImage, Tag
@@ -136,6 +136,21 @@ def post_tag_deleted(sender: Any, instance: PostTag, **kwargs: Any) -> None:
     frequencies.posts_changed([instance.post_id], [instance.tag_id])
 
 
+def post_tags_added(
+    sender: Any,
+    instance: Any,
+    action: str,
+    reverse: bool,
+    pk_set: set[int] | None,
+    **kwargs: Any,
+) -> None:
+    # ``post.tags.add(...)`` and ``.set(...)`` write PostTag rows with bulk_create, which sends
+    # no post_save. (``remove`` and ``clear`` delete rows one by one: post_tag_deleted.)
+    if action != "post_add" or not pk_set:
+        return
+    frequencies.posts_changed(pk_set if reverse else [instance.pk])
+
+
 def stock_image_before_delete(sender: Any, instance: StockImage, **kwargs: Any) -> None:
     # Its memberships are deleted with it (before post_delete is sent), so the clusters it was
     # in are read now, with the tags of its post, whose counts there may drop.
@@ -181,3 +196,6 @@ def register_signal_handlers() -> None:
     )
     post_save.connect(post_tag_saved, sender=PostTag, dispatch_uid="imagetags_post_tag_saved")
     post_delete.connect(post_tag_deleted, sender=PostTag, dispatch_uid="imagetags_post_tag_deleted")
+    m2m_changed.connect(
+        post_tags_added, sender=Post.tags.through, dispatch_uid="imagetags_post_tags_added"
+    )

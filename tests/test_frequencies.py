@@ -281,3 +281,35 @@ def test_a_building_set_is_left_to_its_rebuild(soups_and_cakes):
     assert frequencies.recount_changed_since(snapshot) == 1
     assert stored(building) == recounted(building)
     assert (cluster.pk, "hearty") in stored(building)
+
+
+def test_the_many_to_many_managers_keep_counts_true(soups_and_cakes):
+    post = soup_posts()[0]
+    hearty = Tag.objects.create(name="hearty")
+    post.tags.add(hearty)  # bulk_create: no post_save, but m2m_changed
+    assert_counts_true(soups_and_cakes)
+    hearty.posts.add(*soup_posts()[1:])  # from the other side
+    assert_counts_true(soups_and_cakes)
+    assert "hearty" in cluster_tags(SOUP_AXIS)
+    post.tags.remove(hearty)
+    assert_counts_true(soups_and_cakes)
+    hearty.posts.clear()
+    assert_counts_true(soups_and_cakes)
+    assert "hearty" not in cluster_tags(SOUP_AXIS)
+
+
+def test_add_posts_to_clusters_counts_each_new_post_once(soups_and_cakes, add_post):
+    # What assignment does between rebuilds: memberships first, then the increments, with the
+    # cluster rows locked (here: one transaction, as assign_to_active_set runs it).
+    post = add_post(["food", "soup", "lentil"], [SOUP_AXIS, SOUP_AXIS])
+    PostTag.objects.create(post=post, tag=Tag.objects.create(name="machine"), source="auto")
+    soup = Cluster.objects.get(cluster_set=soups_and_cakes, tag_frequencies__tag__name="soup")
+    with transaction.atomic():
+        list(Cluster.objects.select_for_update().filter(pk=soup.pk).values("pk"))
+        for image in post.images.all():
+            ClusterMembership.objects.create(
+                cluster_set=soups_and_cakes, cluster=soup, image=image, similarity=1.0
+            )
+        frequencies.add_posts_to_clusters({soup.pk: 2}, {soup.pk: {post.pk}})
+    assert_counts_true(soups_and_cakes)
+    assert "lentil" in cluster_tags(SOUP_AXIS) and "machine" not in cluster_tags(SOUP_AXIS)
