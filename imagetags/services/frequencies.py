@@ -198,9 +198,11 @@ def _recount_pairs(clusters: list[int], tags: list[int]) -> None:
     }
     stale: list[int] = []
     changed: list[TagFrequency] = []
-    for pk, cluster_id, tag_id, stored in TagFrequency.objects.filter(
-        cluster_id__in=clusters, tag_id__in=tags
-    ).values_list("pk", "cluster_id", "tag_id", "post_count"):
+    for pk, cluster_id, tag_id, stored in (
+        TagFrequency.objects.filter(cluster_id__in=clusters, tag_id__in=tags)
+        .order_by()  # the model's ordering would join clusters and tags for nothing
+        .values_list("pk", "cluster_id", "tag_id", "post_count")
+    ):
         count = counts.pop((cluster_id, tag_id), 0)
         if not count:
             stale.append(pk)
@@ -231,8 +233,10 @@ def _recount_sizes(clusters: list[int]) -> None:
             .annotate(size=Count("pk"), posts=Count("image__post_id", distinct=True))
         ):
             members[cluster_id] = (size, posts)
-        for cluster_id, set_id, size, posts in Cluster.objects.filter(pk__in=chunk).values_list(
-            "pk", "cluster_set_id", "size", "post_count"
+        for cluster_id, set_id, size, posts in (
+            Cluster.objects.filter(pk__in=chunk)
+            .order_by()
+            .values_list("pk", "cluster_set_id", "size", "post_count")
         ):
             stored[cluster_id] = (set_id, size, posts)
     changed = []
@@ -317,9 +321,9 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
         pair
         for cluster_chunk in _chunks(touched_clusters)
         for tag_chunk in _chunks(touched_tags)
-        for pair in TagFrequency.objects.filter(
-            cluster_id__in=cluster_chunk, tag_id__in=tag_chunk
-        ).values_list("cluster_id", "tag_id")
+        for pair in TagFrequency.objects.filter(cluster_id__in=cluster_chunk, tag_id__in=tag_chunk)
+        .order_by()
+        .values_list("cluster_id", "tag_id")
     }
     _increment(
         TagFrequency,
