@@ -130,7 +130,7 @@ def post_tag_saved(
 def post_tag_deleted(sender: Any, instance: PostTag, **kwargs: Any) -> None:
     origin = kwargs.get("origin")
     # A deleted tag takes its TagFrequency rows with it (cascade): nothing left to recount. A
-    # deleted post's images go too: stock_image_deleted recounts the clusters they were in.
+    # deleted post's images go too: stock_image_counts_deleted recounts their clusters.
     if _deleted_with(origin, Tag) or _deleted_with(origin, Post):
         return
     frequencies.posts_changed([instance.post_id], [instance.tag_id])
