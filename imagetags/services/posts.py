@@ -28,6 +28,7 @@ from imagetags.models import (
     Tag,
     TagSource,
 )
+from imagetags.services.frequencies import deferred_recount
 from imagetags.services.shown import MAX_SHOWN_SUGGESTIONS, ShownRecord, ShownSuggestion
 from imagetags.services.tagging import add_tags, check_tag_count, clean_tag_name
 
@@ -153,7 +154,8 @@ def create_post(
     )
     user = owner if getattr(owner, "is_authenticated", False) else None
     storage = StockImage._meta.get_field("image").storage
-    with discard_files_on_error(storage) as stored, transaction.atomic():
+    # One recount of the clusters' tag counts for both add_tags calls.
+    with discard_files_on_error(storage) as stored, transaction.atomic(), deferred_recount():
         post = Post.objects.create(owner=user, title=title[:200])
         for upload in files:
             if hasattr(upload, "seek"):

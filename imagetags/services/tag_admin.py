@@ -13,20 +13,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.db import transaction
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 
-from imagetags.conf import imagetags_settings
 from imagetags.models import (
-    ClusterMembership,
     PostTag,
     SuggestionFeedback,
     Tag,
-    TagFrequency,
     TagSource,
     normalize_tag_name,
     tag_name_error,
 )
 from imagetags.services.feedback import count_subquery
+from imagetags.services.frequencies import deferred_recount, posts_changed
 
 # Which row survives when a post carries several of the merged tags: what a person gave beats
 # what was imported, which beats what the machine applied on its own.
@@ -89,10 +87,11 @@ def merge_tags(sources: Iterable[Tag | int], target: Tag | int) -> MergeResult:
     - **Posts**: a post keeps exactly one row of ``target``. Where it had several of the merged
       tags, the surviving row takes the most trustworthy source (typed > suggested > imported >
       auto; earliest first), so a typed tag never turns into an auto one.
-    - **Tag frequencies**: in every cluster (of every cluster set, so a rollback stays right) that
-      counted a merged tag, the target's count is recounted from the cluster's members: posts
-      carrying the target with a counted source, each once. Summing would count a post that had
-      both tags twice.
+    - **Tag frequencies**: in every cluster holding a re-tagged post (of the active and the
+      retired sets, so a rollback stays right), the counts of the target and the merged tags
+      are recounted from the cluster's members (``frequencies.recount_posts``): posts carrying
+      the target with a counted source, each once. Summing would count a post that had both
+      tags twice.
     - **Feedback**: rows about a merged tag now name the target.
 
     Raises :class:`TagMergeError` (nothing changed) when there is nothing to merge or a tag
@@ -125,8 +124,12 @@ def merge_tags(sources: Iterable[Tag | int], target: Tag | int) -> MergeResult:
                 "Choose another tag to keep."
             )
         result = MergeResult(target=names[target_id], merged=sorted(names[pk] for pk in source_ids))
-        _merge_post_tags(source_ids, target_id, result)
-        result.clusters_recounted = _recount_frequencies(source_ids, target_id)
+        # One recount at the end of the block, for the rows deleted (they report themselves)
+        # and those moved or upgraded by update() (which sends no signal, so reported here).
+        with deferred_recount() as recount:
+            affected = _merge_post_tags(source_ids, target_id, result)
+            posts_changed(affected, [target_id, *source_ids])
+        result.clusters_recounted = recount.clusters_recounted
         result.feedback_moved = SuggestionFeedback.objects.filter(tag_id__in=source_ids).update(
             tag_id=target_id
         )
@@ -134,7 +137,8 @@ def merge_tags(sources: Iterable[Tag | int], target: Tag | int) -> MergeResult:
     return result
 
 
-def _merge_post_tags(source_ids: list[int], target_id: int, result: MergeResult) -> None:
+def _merge_post_tags(source_ids: list[int], target_id: int, result: MergeResult) -> set[int]:
+    """Re-tag the posts; returns the ids of those that carried a merged tag."""
     affected_posts = PostTag.objects.filter(tag_id__in=source_ids).values("post_id")
     by_post: dict[int, list[dict]] = defaultdict(list)
     for row in PostTag.objects.filter(
@@ -167,37 +171,7 @@ def _merge_post_tags(source_ids: list[int], target_id: int, result: MergeResult)
     PostTag.objects.bulk_update(upgrades, ["source", "added_by_id"], batch_size=_ID_CHUNK)
     result.posts_moved = len(move_ids)
     result.duplicates_removed = len(delete_ids)
-
-
-def _recount_frequencies(source_ids: list[int], target_id: int) -> int:
-    cluster_ids = sorted(
-        set(TagFrequency.objects.filter(tag_id__in=source_ids).values_list("cluster_id", flat=True))
-    )
-    counted = list(imagetags_settings.COUNTED_TAG_SOURCES)
-    for chunk in _chunks(cluster_ids):
-        # Posts of the cluster's member images that now carry the target, each post once (the
-        # same rule as a rebuild, see ranking.count_tag_frequencies).
-        counts = (
-            ClusterMembership.objects.filter(
-                cluster_id__in=chunk,
-                image__post__post_tags__tag_id=target_id,
-                image__post__post_tags__source__in=counted,
-            )
-            .order_by()
-            .values("cluster_id")
-            .annotate(posts=Count("image__post_id", distinct=True))
-            .values_list("cluster_id", "posts")
-        )
-        new_rows = [
-            TagFrequency(cluster_id=cluster_id, tag_id=target_id, post_count=posts)
-            for cluster_id, posts in counts
-            if posts
-        ]
-        TagFrequency.objects.filter(
-            cluster_id__in=chunk, tag_id__in=[target_id, *source_ids]
-        ).delete()
-        TagFrequency.objects.bulk_create(new_rows)
-    return len(cluster_ids)
+    return set(by_post)
 
 
 # --- names stored before the current normalisation -----------------------------------------

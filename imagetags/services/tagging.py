@@ -18,6 +18,7 @@ from imagetags.models import (
     normalize_tag_name,
     tag_name_error,
 )
+from imagetags.services.frequencies import deferred_recount
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,11 @@ def add_tags(
 ) -> list[PostTag]:
     """Add tags to a post (creating Tag rows as needed); tags already on the post are kept as they
     are. Raises :class:`InvalidTagName`, or :class:`TooManyTags` when the post would then carry
-    more than ``MAX_TAGS_PER_POST``, before writing anything."""
+    more than ``MAX_TAGS_PER_POST``, before writing anything. The clusters' tag counts follow
+    in the same transaction, recounted once for all the new rows."""
     cleaned = list(dict.fromkeys(clean_tag_name(name) for name in names))
     added: list[PostTag] = []
-    with transaction.atomic():
+    with transaction.atomic(), deferred_recount():
         existing = set(post.post_tags.values_list("tag__name", flat=True))
         new = [name for name in cleaned if name not in existing]
         if new:
@@ -162,9 +164,12 @@ def apply_auto_tags(post: Post) -> list[PostTag]:
 
 
 def remove_auto_tags(post: Post | None = None) -> int:
-    """Remove auto-applied tags from one post, or from every post; returns how many."""
+    """Remove auto-applied tags from one post, or from every post; returns how many. The
+    clusters' tag counts are recounted once, in the same transaction (they change only where
+    ``COUNTED_TAG_SOURCES`` counts auto tags)."""
     queryset = PostTag.objects.filter(source=TagSource.AUTO)
     if post is not None:
         queryset = queryset.filter(post=post)
-    deleted, _ = queryset.delete()
+    with transaction.atomic(), deferred_recount():
+        deleted, _ = queryset.delete()
     return deleted
