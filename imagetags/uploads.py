@@ -41,9 +41,7 @@ from imagetags.services.images import (
 __all__ = [
     "MULTIPART_FRAMING_BYTES",
     "FileSizeLimitHandler",
-    "UploadTooLarge",
     "body_limit",
-    "file_too_large_message",
     "guard_body",
     "throttle_wait",
     "upload_guards",

@@ -15,13 +15,8 @@ from django.utils.translation import gettext_lazy as _
 from rest_framework import status
 from rest_framework.exceptions import APIException
 
-from imagetags.uploads import (
-    MULTIPART_FRAMING_BYTES,
-    FileSizeLimitHandler,
-    UploadTooLarge,
-    body_limit,
-    guard_body,
-)
+from imagetags.services.images import UploadTooLarge
+from imagetags.uploads import MULTIPART_FRAMING_BYTES, FileSizeLimitHandler, body_limit, guard_body
 
 __all__ = [
     "MULTIPART_FRAMING_BYTES",

@@ -57,7 +57,7 @@ from imagetags.models import (
     Tag,
     TagFrequency,
 )
-from imagetags.services.images import InvalidImage
+from imagetags.services.images import InvalidImage, UploadTooLarge
 from imagetags.services.posts import create_post
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import (
@@ -67,7 +67,6 @@ from imagetags.services.suggest import (
     suggest,
 )
 from imagetags.services.suggestion_requests import InvalidRequest, suggest_for_request
-from imagetags.uploads import UploadTooLarge
 
 from .filters import MAX_ID, BoundedSearchFilter, object_id
 from .serializers import (
