@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+from django.core.exceptions import RequestDataTooBig
 from PIL import ExifTags, GifImagePlugin, Image, ImageOps, UnidentifiedImageError
 
 from imagetags.conf import imagetags_settings
@@ -38,6 +39,46 @@ class ImageInfo:
 
 
 ImageSource = str | os.PathLike | IO[bytes] | Any  # path, open file, Django File
+
+
+# --- Upload limits: the one place that reads them. The streaming guards (imagetags.uploads), the
+# suggestion request validator and the posts service all ask here, so the numbers and the words
+# are the same on every surface.
+
+
+class UploadTooLarge(RequestDataTooBig):
+    """A body or a file over the upload limits; the message says which limit. A
+    ``RequestDataTooBig``, so every surface answers it as Django's own body limit: a 413."""
+
+
+def max_upload_bytes() -> int:
+    """The most bytes one uploaded file may have (``MAX_UPLOAD_BYTES``)."""
+    return imagetags_settings.MAX_UPLOAD_BYTES
+
+
+def max_files_per_post() -> int:
+    """The most images one request (one post) may carry (``MAX_FILES_PER_POST``)."""
+    return imagetags_settings.MAX_FILES_PER_POST
+
+
+def file_too_large_message(name: str) -> str:
+    return f"{name or 'A file'} is larger than the limit of {max_upload_bytes():,} bytes."
+
+
+def too_many_files_message(count: int) -> str:
+    return f"At most {max_files_per_post()} images per post; {count} were sent."
+
+
+def check_upload_size(upload: Any) -> None:
+    """Raise :class:`UploadTooLarge` for a parsed upload over :func:`max_upload_bytes`.
+
+    From the size Django already knows, before a byte is decoded. The streaming handler
+    normally stops such a file earlier; this catches bodies parsed before the view ran (a
+    site's middleware reading ``request.POST``).
+    """
+    if (getattr(upload, "size", 0) or 0) > max_upload_bytes():
+        raise UploadTooLarge(file_too_large_message(getattr(upload, "name", "")))
+
 
 # The extension a file is stored under, by the format read from its bytes (Pillow's name; MPO is
 # a JPEG). Web servers choose the Content-Type from the extension, so it must never be the
@@ -186,7 +227,7 @@ def open_image(
     450 × 450 instead of staying 119 MB of RGB. The returned image is that size;
     ``ImageInfo`` still reports the file's own.
     """
-    max_bytes = imagetags_settings.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
+    max_bytes = max_upload_bytes() if max_bytes is None else max_bytes
     max_pixels = imagetags_settings.MAX_PIXELS if max_pixels is None else max_pixels
     data = _read_limited(source, max_bytes)
     if not data:

@@ -9,6 +9,10 @@ the REST API, which reuses the size limit from here:
   passes ``MAX_UPLOAD_BYTES``, so a 2 GB file is never written to a temporary file;
 - :func:`throttle_wait` counts requests per user (per IP address when anonymous) in the cache,
   at ``THROTTLE_RATE``.
+
+The limits themselves, and the words that refuse them, come from ``services.images``
+(``max_upload_bytes``, ``max_files_per_post``, ``file_too_large_message``), which the
+suggestion request validator and the posts service use too.
 """
 
 from __future__ import annotations
@@ -21,12 +25,27 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadhandler import FileUploadHandler
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from imagetags.conf import imagetags_settings
+from imagetags.images import (
+    UploadTooLarge,
+    file_too_large_message,
+    max_files_per_post,
+    max_upload_bytes,
+)
+
+__all__ = [
+    "MULTIPART_FRAMING_BYTES",
+    "FileSizeLimitHandler",
+    "body_limit",
+    "guard_body",
+    "throttle_wait",
+    "upload_guards",
+]
 
 # Part headers and boundaries of a multipart body, on top of its files and form fields.
 MULTIPART_FRAMING_BYTES = 64 * 1024
@@ -38,22 +57,12 @@ _RATE = re.compile(r"^(\d+)/(s|sec|second|m|min|minute|h|hour|d|day)$")
 _PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class UploadTooLarge(RequestDataTooBig):
-    """A body or a file over the upload limits; the message says which limit."""
-
-
 def body_limit() -> int | None:
     """Largest body that can hold a valid upload; None when form fields are unbounded."""
     fields = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     if fields is None:
         return None
-    files = imagetags_settings.MAX_UPLOAD_BYTES * imagetags_settings.MAX_FILES_PER_POST
-    return files + fields + MULTIPART_FRAMING_BYTES
-
-
-def file_too_large_message(name: str) -> str:
-    limit = imagetags_settings.MAX_UPLOAD_BYTES
-    return f"{name or 'A file'} is larger than the limit of {limit:,} bytes."
+    return max_upload_bytes() * max_files_per_post() + fields + MULTIPART_FRAMING_BYTES
 
 
 class FileSizeLimitHandler(FileUploadHandler):
@@ -63,7 +72,7 @@ class FileSizeLimitHandler(FileUploadHandler):
     """
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
-        if start + len(raw_data) > imagetags_settings.MAX_UPLOAD_BYTES:
+        if start + len(raw_data) > max_upload_bytes():
             raise UploadTooLarge(file_too_large_message(self.file_name))
         return raw_data
 
@@ -84,8 +93,7 @@ def guard_body(request: HttpRequest) -> None:
     if limit is not None and length > limit:
         raise UploadTooLarge(
             f"The request body is {length:,} bytes; at most {limit:,} are accepted "
-            f"({imagetags_settings.MAX_FILES_PER_POST} images of up to "
-            f"{imagetags_settings.MAX_UPLOAD_BYTES:,} bytes each)."
+            f"({max_files_per_post()} images of up to {max_upload_bytes():,} bytes each)."
         )
     if not any(isinstance(h, FileSizeLimitHandler) for h in request.upload_handlers):
         request.upload_handlers.insert(0, FileSizeLimitHandler(request))

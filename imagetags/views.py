@@ -7,7 +7,6 @@ API lives in ``imagetags.api``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from django.contrib import messages
@@ -20,17 +19,16 @@ from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_POST
 
 from imagetags.conf import imagetags_settings
-from imagetags.forms import (
-    PostUploadForm,
-    human_size,
-    suggestion_method,
-    unavailable_message,
-)
-from imagetags.images import InvalidImage
+from imagetags.forms import PostUploadForm, unavailable_message
 from imagetags.services.pending_uploads import PendingUploadError
 from imagetags.services.shown import sign_shown
-from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable, suggest_many
-from imagetags.services.tagging import parse_tag_input
+from imagetags.services.suggest import NoActiveClusters, SuggestionUnavailable
+from imagetags.services.suggestion_requests import (
+    IMAGE_FIELD,
+    InvalidRequest,
+    parse_suggestion_request,
+    suggest_for_request,
+)
 from imagetags.uploads import upload_guards
 
 
@@ -65,73 +63,42 @@ def _page_refusal(
 @csrf_protect
 def suggestions(request: HttpRequest) -> JsonResponse:
     """Suggested tags for one or more images, merged: ``POST`` multipart ``image`` (repeatable),
-    optional ``limit``, ``exclude`` (tags as typed, e.g. the ones already chosen) and
-    ``suggestions_token`` (the previous answer's, to merge).
+    optional ``limit``, ``threshold``, ``exclude`` (tags as typed, e.g. the ones already chosen)
+    and ``suggestions_token`` (the previous answer's, to merge). The fields are those of the
+    REST API's ``suggestions`` endpoint, checked by the same validator
+    (``services.suggestion_requests``), with the same limits and messages.
 
     200 ``{"tags": [{"name", "score", "evidence", ...}], "cluster_set", "clusters", "extractor",
-    "method", "suggestions_token"}`` (the signed record of what was shown, see
-    ``services.shown``);
+    "method", "suggestions_token"}`` (``method``: the one that ranked these tags; the signed
+    record of what was shown, see ``services.shown``, holds the same);
     errors are ``{"error": "<a sentence>", "code": "..."}`` with 400 (no or invalid image, too
-    many files, bad limit), 403 (not logged in, or no CSRF token), 413 (file too large) and 409
-    (no clusters yet, or clusters of another extractor). The 409 comes before a file is decoded:
-    without clusters nothing can be suggested, so no time is spent opening images.
+    many files, a bad field: then also ``"errors": {"field": ["message", ...]}``, the API's 400
+    body), 403 (not logged in, or no CSRF token), 413 (file too large) and 409 (no clusters
+    yet, or clusters of another extractor). The 409 comes before a file is decoded: without
+    clusters nothing can be suggested, so no time is spent opening images.
     """
     if imagetags_settings.LOGIN_REQUIRED and not request.user.is_authenticated:
         return _error(403, "login_required", "Log in to get tag suggestions.")
-    files = request.FILES.getlist("image")
-    if not files:
-        return _error(400, "no_image", "Send at least one image in the field “image”.")
-    max_files = imagetags_settings.MAX_FILES_PER_POST
-    if len(files) > max_files:
-        return _error(
-            400, "too_many_files", f"At most {max_files} images at a time; {len(files)} were sent."
-        )
-    max_bytes = imagetags_settings.MAX_UPLOAD_BYTES
-    for upload in files:
-        # Checked from the size Django already knows, before any byte is decoded.
-        if upload.size > max_bytes:
-            return _error(
-                413,
-                "too_large",
-                f"{upload.name} is {human_size(upload.size)}; "
-                f"the limit is {human_size(max_bytes)} per image.",
-            )
-    limit_text = request.POST.get("limit", "")
-    limit = None
-    if limit_text:
-        top = imagetags_settings.SUGGEST_LIMIT
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= max(top, 1):
-            return _error(400, "bad_limit", f"“limit” must be a whole number from 1 to {top}.")
-        limit = int(limit_text)
-    exclude = parse_tag_input(request.POST.get("exclude", ""))
-
-    current: list[str] = []
-
-    def each_file() -> Iterator[Any]:
-        # suggest_many handles the files one after another; remembering which one is being
-        # handled lets an InvalidImage error name the file at fault.
-        for upload in files:
-            current[:] = [upload.name]
-            yield upload
-
+    # Text sent in the file field counts too, so that it is refused as the API refuses it.
+    files = [*request.FILES.getlist(IMAGE_FIELD), *request.POST.getlist(IMAGE_FIELD)]
     try:
-        merged = suggest_many(each_file(), limit=limit, exclude=exclude)
-    except InvalidImage as exc:
-        name = current[0] if current else "the file"
-        return _error(400, "invalid_image", f"{name}: {exc}")
+        params = parse_suggestion_request(request.POST, files)
+        merged = suggest_for_request(params)
+    except InvalidRequest as exc:
+        return _error(400, exc.code, exc.message, errors=exc.errors)
     except SuggestionUnavailable as exc:
         code = "no_clusters" if isinstance(exc, NoActiveClusters) else "unavailable"
         return _error(409, code, unavailable_message(exc), detail=str(exc))
     # The signed record of what was shown (and by which set and method) travels with the
     # suggestions, in the widget's state, into the feedback records; the page's previous token
     # is merged in, so the latest one covers the chips kept from earlier answers.
-    method = suggestion_method(merged)
+    method = merged.method or ""
     token = sign_shown(
         merged.tags,
         cluster_set_id=merged.cluster_set,
         method=method,
         user=request.user,
-        previous=request.POST.get("suggestions_token", ""),
+        previous=params.previous_token,
     )
     return JsonResponse({**merged.as_dict(), "method": method, "suggestions_token": token})
 

@@ -200,7 +200,8 @@ def test_bad_limit_is_a_field_error(api, two_topics, limit):
 def test_missing_file_field_is_a_field_error(api):
     response = api.post(url("suggestions"), {"limit": "3"})
     assert response.status_code == 400
-    assert response.json() == {"image": ["This field is required."]}
+    # The shared validator's wording (the widget's JSON view says the same).
+    assert response.json() == {"image": ["Send at least one image in the field “image”."]}
     response = api.post(url("suggestions"), {"image": "not a file"})
     assert response.status_code == 400 and list(response.json()) == ["image"]
 
@@ -263,8 +264,10 @@ def big_jpeg(name: str = "big.jpg") -> SimpleUploadedFile:
 def test_a_file_over_the_limit_is_413_while_it_streams_in(api, settings, monkeypatch):
     data = big_jpeg().read()
     settings.IMAGETAGS = {**settings.IMAGETAGS, "MAX_UPLOAD_BYTES": len(data) - 1}
-    # Without the serializer's check: the upload handler alone must stop the file.
-    monkeypatch.setattr("imagetags.api.serializers.check_upload_size", lambda upload: None)
+    # Without the request validator's check: the upload handler alone must stop the file.
+    monkeypatch.setattr(
+        "imagetags.services.suggestion_requests.check_upload_size", lambda upload: None
+    )
     response = api.post(url("suggestions"), {"image": big_jpeg()})
     assert response.status_code == 413
     assert response.json() == {

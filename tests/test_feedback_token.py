@@ -208,7 +208,10 @@ def fake_suggestions(monkeypatch, soups):
         result = Suggestions(tags, 1, 0, soups.pk, 1.0, soups.extractor_key, method="cluster")
         return MergedSuggestions(tags=tags, per_image=[result])
 
-    monkeypatch.setattr(imagetags.views, "suggest_many", suggest_many)
+    # The JSON view answers through the shared request service (its validator still runs).
+    monkeypatch.setattr(
+        imagetags.views, "suggest_for_request", lambda request: suggest_many(request.files)
+    )
     monkeypatch.setattr(imagetags.forms, "suggest_many", suggest_many)
     return soups
 

@@ -280,7 +280,7 @@ def test_suggestions_need_login_post_and_csrf(db, client, admin_user, settings):
             {"MAX_FILES_PER_POST": 2},
             400,
             "too_many_files",
-            "At most 2 images at a time; 3 were sent",
+            "At most 2 images per post; 3 were sent",  # the API's wording, shared
         ),
     ],
     ids=["none", "text", "html", "too-large", "too-many"],

@@ -6,16 +6,13 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
-from PIL import Image
 from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from imagetags.conf import imagetags_settings
-from imagetags.images import InvalidImage
+from imagetags.images import check_upload_size
 from imagetags.models import Cluster, Post, PostTag, StockImage, Tag
-from imagetags.services.extractors import get_extractor
-from imagetags.services.posts import validate_model_inputs
 from imagetags.services.shown import (
     MAX_SHOWN_SUGGESTIONS,
     InvalidSuggestionsToken,
@@ -23,6 +20,13 @@ from imagetags.services.shown import (
     read_token,
 )
 from imagetags.services.suggest import MergedSuggestions, Suggestions
+from imagetags.services.suggestion_requests import (
+    IMAGE_FIELD,
+    MAX_SUGGEST_LIMIT,
+    MAX_TOKEN_LENGTH,
+    InvalidRequest,
+    parse_suggestion_request,
+)
 from imagetags.services.tagging import (
     InvalidTagName,
     clean_tag_name,
@@ -32,11 +36,6 @@ from imagetags.services.tagging import (
 )
 
 from .filters import MAX_ID
-from .uploads import check_upload_size
-
-# A page of suggestion chips; asking for more is a client bug worth reporting. A suggestions
-# token holds at most this many items, so it is also the most `shown_suggestions` can name.
-MAX_SUGGEST_LIMIT = MAX_SHOWN_SUGGESTIONS
 
 SUGGESTIONS_TOKEN_HELP = (
     "The signed record of the suggestions shown: their names, ranks and scores, the cluster set "
@@ -109,7 +108,16 @@ class ShareField(serializers.FloatField):
 
 
 class SuggestionParamsSerializer(serializers.Serializer):
-    """How many suggestions, how common a tag must be, and which tags to leave out."""
+    """How many suggestions, how common a tag must be, and which tags to leave out.
+
+    The fields describe the request for the OpenAPI schema; checking it is the job of
+    ``services.suggestion_requests.parse_suggestion_request``, the validator the widget's JSON
+    view uses too (same limits, same messages). The validated data is ``{"request":
+    SuggestionRequest}``.
+    """
+
+    # Whether the request carries files in the field "image".
+    takes_files = False
 
     limit = serializers.IntegerField(
         required=False,
@@ -121,44 +129,68 @@ class SuggestionParamsSerializer(serializers.Serializer):
         required=False,
         min_value=0.0,
         max_value=1.0,
-        help_text="Only tags on at least this share of the nearest cluster's posts "
+        help_text="Only tags whose score (see the response's tags) is at least this share "
         "(default: the SUGGEST_THRESHOLD setting).",
     )
     exclude = TagListField(
         help_text="Tags to leave out (e.g. those the post already has), typed like tag input: "
-        "commas separate, double quotes group."
+        "commas separate, double quotes group; at most MAX_TAGS_PER_POST names."
     )
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        files = None
+        if self.takes_files:
+            getlist = getattr(data, "getlist", None)
+            files = getlist(IMAGE_FIELD) if getlist is not None else data.get(IMAGE_FIELD, [])
+            files = files if isinstance(files, list | tuple) else [files]
+        try:
+            return {"request": parse_suggestion_request(data, files)}
+        except InvalidRequest as exc:
+            raise serializers.ValidationError(exc.errors) from None
 
 
 class SuggestionRequestSerializer(SuggestionParamsSerializer):
+    takes_files = True
+
     image = UploadListField(
-        help_text="The image; repeat the field for the images of one post (suggestions merge)."
+        help_text="The image; repeat the field for the images of one post (suggestions merge). "
+        "At most MAX_FILES_PER_POST images of at most MAX_UPLOAD_BYTES each.",
     )
     suggestions_token = serializers.CharField(
         required=False,
         allow_blank=True,
-        max_length=100_000,
+        max_length=MAX_TOKEN_LENGTH,
         help_text="The suggestions_token of an earlier answer for the same post: the new token "
         "also covers its suggestions (same cluster set and method), so the latest token is the "
         "only one to send with the post. An invalid one is ignored.",
     )
 
-    def validate_image(self, files: list[Any]) -> list[Image.Image]:
-        # The upload rules of every other path (format from the bytes, pixel cap, file count),
-        # with the file at fault named; a bad file must not cost a forward pass. What the view
-        # embeds are the model inputs: each file is decoded once, and one at a time.
-        try:
-            return validate_model_inputs(files, get_extractor())
-        except InvalidImage as exc:
-            raise serializers.ValidationError(str(exc)) from None
+
+# For the ivf method (the default) a tag's evidence is a vote of the most similar posts (or
+# their uploaders, VOTING["VOTE_BY"] = "owner"), not a count over the nearest cluster's posts.
+SCORE_HELP = (
+    "What the tags are ordered by, 0 to 1. Method cluster: the share of the nearest cluster's "
+    "posts that carry the tag. Method ivf: the similarity-weighted share of the voters (the most "
+    "similar posts, or their uploaders) that carry it, less a small prior for tags that are "
+    "common everywhere."
+)
 
 
 class SuggestedTagSerializer(serializers.Serializer):
     name = serializers.CharField()
-    score = serializers.FloatField(help_text="Share of the cluster's posts that carry the tag.")
-    post_count = serializers.IntegerField()
-    cluster_posts = serializers.IntegerField()
-    evidence = serializers.CharField(help_text='e.g. "in 9 of 40 similar posts"')
+    score = serializers.FloatField(help_text=SCORE_HELP)
+    post_count = serializers.IntegerField(
+        help_text="How many of the voters carry the tag: posts of the nearest cluster (method "
+        "cluster), or of the most similar posts or uploaders (method ivf)."
+    )
+    cluster_posts = serializers.IntegerField(
+        help_text="How many voters the evidence counts: the nearest cluster's posts (method "
+        "cluster), or the most similar posts or uploaders that voted (method ivf)."
+    )
+    evidence = serializers.CharField(
+        help_text='e.g. "in 9 of 40 similar posts" (cluster), "on 6 of the 20 most similar '
+        'posts" (ivf)'
+    )
 
 
 SUGGESTED_TAG_FIELDS = tuple(SuggestedTagSerializer._declared_fields)
@@ -176,6 +208,10 @@ class SuggestionsSerializer(serializers.Serializer):
     )
     cluster_set = serializers.IntegerField(help_text="The cluster set (version) that answered.")
     extractor = serializers.CharField(help_text="Key of the feature extractor.")
+    method = serializers.CharField(
+        help_text="The method that ranked these tags (ivf or cluster); the suggestions token "
+        "records the same one."
+    )
     suggestions_token = serializers.CharField(help_text=SUGGESTIONS_TOKEN_HELP)
 
     def to_representation(self, instance: Suggestions | MergedSuggestions) -> dict[str, Any]:
@@ -192,6 +228,7 @@ class SuggestionsSerializer(serializers.Serializer):
             "clusters": [result.cluster for result in per_image],
             "cluster_set": per_image[0].cluster_set,
             "extractor": per_image[0].extractor,
+            "method": instance.method or "",
             # Signed by the view, which knows the user (services.shown.sign_shown).
             "suggestions_token": self.context.get("suggestions_token", ""),
         }

@@ -47,7 +47,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
 from imagetags.conf import imagetags_settings
-from imagetags.images import InvalidImage
+from imagetags.images import InvalidImage, UploadTooLarge
 from imagetags.models import (
     Cluster,
     ClusterSetStatus,
@@ -65,9 +65,8 @@ from imagetags.services.suggest import (
     Suggestions,
     SuggestionUnavailable,
     suggest,
-    suggest_many,
 )
-from imagetags.uploads import UploadTooLarge
+from imagetags.services.suggestion_requests import InvalidRequest, suggest_for_request
 
 from .filters import MAX_ID, BoundedSearchFilter, object_id
 from .serializers import (
@@ -138,11 +137,14 @@ def as_api_exception(exc: Exception) -> Exception:
 
 @contextlib.contextmanager
 def service_errors(file_field: str = "image") -> Iterator[None]:
-    """409 when suggestions cannot be made yet; 400 on ``file_field`` for a bad image."""
+    """409 when suggestions cannot be made yet; 400 on ``file_field`` for a bad image, and
+    the request validator's field errors as they are."""
     try:
         yield
     except SuggestionUnavailable as exc:
         raise SuggestionsUnavailable(str(exc)) from exc
+    except InvalidRequest as exc:
+        raise ValidationError(exc.errors) from exc
     except InvalidImage as exc:
         raise ValidationError({file_field: [str(exc)]}) from exc
 
@@ -377,15 +379,10 @@ class SuggestionView(ImageTagsAPIMixin, GenericAPIView):
     def post(self, request: Request) -> Response:
         params = self.get_serializer(data=request.data)
         params.is_valid(raise_exception=True)
-        options = dict(params.validated_data)
-        files = options.pop("image")
-        previous = options.pop("suggestions_token", "")
+        suggestion_request = params.validated_data["request"]
         with service_errors("image"):
-            if len(files) == 1:
-                result = suggest(files[0], **options)
-            else:
-                result = suggest_many(files, **options)
-        return Response(suggestions_body(result, request, previous))
+            result = suggest_for_request(suggestion_request)
+        return Response(suggestions_body(result, request, suggestion_request.previous_token))
 
 
 class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
@@ -415,7 +412,7 @@ class ImageSuggestionView(ImageTagsAPIMixin, GenericAPIView):
         params.is_valid(raise_exception=True)
         with service_errors():
             try:
-                result = suggest(image, **params.validated_data)
+                result = suggest(image, **params.validated_data["request"].options())
             except (InvalidImage, OSError) as exc:
                 # The client sent nothing wrong: the stored image has no vector yet and its
                 # file cannot be read, which is the library's state, not a bad request.

@@ -17,8 +17,13 @@ from django.core.files.storage import Storage
 from django.db import transaction
 from PIL import Image
 
-from imagetags.conf import imagetags_settings
-from imagetags.images import ImageInfo, InvalidImage, open_image
+from imagetags.images import (
+    ImageInfo,
+    InvalidImage,
+    max_files_per_post,
+    open_image,
+    too_many_files_message,
+)
 from imagetags.models import (
     ClusterSet,
     FeedbackChannel,
@@ -70,9 +75,8 @@ def iter_uploads(
     """
     if not files:
         raise InvalidImage("Choose at least one image.")
-    limit = imagetags_settings.MAX_FILES_PER_POST
-    if len(files) > limit:
-        raise TooManyFiles(f"At most {limit} images per post; {len(files)} were sent.")
+    if len(files) > max_files_per_post():
+        raise TooManyFiles(too_many_files_message(len(files)))
     return _opened_one_by_one(files, draft_size)
 
 
