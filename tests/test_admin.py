@@ -40,7 +40,7 @@ from imagetags.services.library_map import (
     build_library_map,
     cluster_labels,
 )
-from imagetags.services.tag_admin import TagMergeError, merge_tags
+from imagetags.services.vocabulary import TagMergeError, merge_tags
 
 XSS = "<script>alert(1)</script>"
 XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

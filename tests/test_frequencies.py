@@ -29,8 +29,8 @@ from imagetags.models import (
 from imagetags.services import frequencies
 from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
 from imagetags.services.suggest import suggest
-from imagetags.services.tag_admin import merge_tags
 from imagetags.services.tagging import add_tags, remove_auto_tags
+from imagetags.services.vocabulary import merge_tags
 from tests.conftest import unit
 
 SOUP_AXIS, CAKE_AXIS = 1, 0

@@ -19,8 +19,8 @@ from django.utils.text import slugify
 from imagetags.forms import SuggestedTagsField
 from imagetags.models import InvalidTagName, Post, PostTag, SuggestionFeedback, Tag, TagSource
 from imagetags.services.library import import_manifest
-from imagetags.services.tag_admin import TagMergeError, merge_tags
 from imagetags.services.tagging import add_tags, clean_tag_name, parse_tag_input
+from imagetags.services.vocabulary import TagMergeError, merge_tags
 from imagetags.widgets import format_tag_input
 
 from .conftest import PROJECT_ROOT, image_bytes

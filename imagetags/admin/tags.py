@@ -17,7 +17,7 @@ from django.utils.translation import gettext_lazy as _
 from imagetags.admin.common import acceptance_html
 from imagetags.models import Tag
 from imagetags.services.feedback import annotate_acceptance
-from imagetags.services.tag_admin import TagMergeError, annotate_usage, merge_tags
+from imagetags.services.vocabulary import TagMergeError, annotate_usage, merge_tags
 
 
 class MergeTagsForm(forms.Form):

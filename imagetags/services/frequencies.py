@@ -22,7 +22,7 @@ its members and break that insert; tags changed while it builds are recounted on
 One mechanism for every path: ``signal_handlers`` reports each saved or deleted PostTag (and
 each deleted StockImage) to :func:`posts_changed` / :func:`clusters_changed`, which recount at
 once, or, inside a :func:`deferred_recount` block, collect and recount once when the block ends.
-Services that change many rows (``tagging.add_tags``, ``tag_admin.merge_tags``) open such a
+Services that change many rows (``tagging.add_tags``, ``vocabulary.merge_tags``) open such a
 block, so a post given 20 tags is recounted once, not 20 times.
 """
 

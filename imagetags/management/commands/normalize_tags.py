@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from imagetags.services.tag_admin import normalise_tag_names, unnormalised_tags
+from imagetags.services.vocabulary import normalise_tag_names, unnormalised_tags
 
 
 class Command(BaseCommand):
