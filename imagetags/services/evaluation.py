@@ -464,10 +464,11 @@ class LibraryModel:
         *,
         threshold: float | None = None,
         exclude: Collection[str] = (),
-    ) -> list[core_voting.VotedTag]:
+    ) -> tuple[list[core_voting.VotedTag], core_voting.Voters]:
         """Neighbour voting as ``suggest()`` does it (``core.voting.vote``): the nearest
-        voters, their tags once each, against the library-wide shares."""
-        ranked, _voters = core_voting.vote(
+        voters, their tags once each, against the library-wide shares; and who voted (ids:
+        library rows)."""
+        return core_voting.vote(
             search or self.search(vector, params.probes),
             self.voters[params.vote_by].__getitem__,
             lambda ids: [self.library.tags_of(int(i)) for i in ids],
@@ -478,7 +479,6 @@ class LibraryModel:
             threshold=threshold,
             exclude=exclude,
         )
-        return ranked
 
     def vote(
         self,
@@ -487,7 +487,8 @@ class LibraryModel:
         limit: int,
         search: Search | None = None,
     ) -> list[str]:
-        return [str(item.tag) for item in self.voted(vector, params, limit, search)]
+        ranked, _voters = self.voted(vector, params, limit, search)
+        return [str(item.tag) for item in ranked]
 
 
 # A candidate search: (ids, similarities) of the n most similar library images.
