@@ -32,9 +32,18 @@ Loader = Callable[[Sequence[int]], Iterable[tuple[int, np.ndarray, np.ndarray]]]
 def top_order(sims: np.ndarray, n: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Positions of the ``n`` largest ``sims``, largest first; ties by ``tiebreak`` (default:
     position), so results do not depend on argpartition's internal order."""
-    top = np.argpartition(-sims, n - 1)[:n] if n < sims.shape[0] else np.arange(sims.shape[0])
+    if n < sims.shape[0]:
+        top = np.argpartition(-sims, n - 1)[:n]
+        # Every value tied with the n-th competes on the tiebreak too, not only those
+        # argpartition happened to put first.
+        cut = sims[top].min()
+        tied = np.flatnonzero(sims == cut)
+        if tied.shape[0] > 1:
+            top = np.concatenate([top[sims[top] > cut], tied])
+    else:
+        top = np.arange(sims.shape[0])
     keys = top if tiebreak is None else tiebreak[top]
-    return top[np.lexsort((keys, -sims[top]))]
+    return top[np.lexsort((keys, -sims[top]))][:n]
 
 
 def nearest_lists(query: np.ndarray, centers: np.ndarray, m: int) -> np.ndarray:
@@ -105,7 +114,7 @@ class ExactSearch(VectorSearch):
 
     def load(self, lists: Iterable[int]) -> None:
         """Read the lists not loaded yet through the loader (a no-op without one)."""
-        if self._loader is None:
+        if self._loader is None or len(self._blocks) == self.centers.shape[0]:
             return
         missing = [int(p) for p in lists if int(p) not in self._blocks]
         if not missing:
@@ -181,7 +190,9 @@ class ExactSearch(VectorSearch):
         self, vectors: np.ndarray, k: int, probes: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        found = [self._search_one(query, k, probes) for query in queries]
+        found = [self.search_lists(query, k, self.probe(query, probes)) for query in queries]
+        if len(found) == 1:  # one query (a suggestion): nothing to pad
+            return found[0][0][None, :], found[0][1][None, :]
         width = max((ids.shape[0] for ids, _sims in found), default=0)
         ids_out = np.full((len(found), width), -1, dtype=np.int64)
         sims_out = np.full((len(found), width), -np.inf, dtype=np.float32)
@@ -190,10 +201,12 @@ class ExactSearch(VectorSearch):
             sims_out[row, : sims.shape[0]] = sims
         return ids_out, sims_out
 
-    def _search_one(
-        self, query: np.ndarray, k: int, probes: int | None
+    def search_lists(
+        self, query: np.ndarray, k: int, lists: np.ndarray | Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        lists = self.probe(query, probes).tolist()
+        """:meth:`search` for one query over the members of the given lists (what ``search``
+        does after :meth:`probe`; serving probes once and reuses the lists). 1-D results."""
+        lists = [int(p) for p in lists]
         self.load(lists)
         if k <= 0 or not lists:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)

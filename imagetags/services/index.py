@@ -5,8 +5,9 @@ active set and then with the member vectors of its ``PROBES`` nearest clusters o
 vectors are read from the database (``ClusterMembership`` + ``StockImage.vector``) the first
 time a query needs their cluster — all the clusters a query misses in one query — and kept per
 process, one cluster ("block") at a time, so a process holds only the clusters queries have
-touched (a small set, up to ``VotingIndex.preload_below_bytes``, is read whole at once). A cluster
-holds NumPy arrays only: the vectors and the image id of each member.
+touched (a small set, up to ``VotingIndex.preload_below_bytes``, is read whole at once). It holds
+NumPy arrays only: the vectors, and the image, post and owner of each member (about 20 bytes per
+member besides the vector).
 
 The vectors and the search itself are ``search.exact.ExactSearch`` (the search the offline
 evaluation runs too), which decides float32 or bfloat16 (``ExactSearch.compact_above_bytes``:
@@ -21,8 +22,8 @@ are not handed out in commit order on PostgreSQL, so keys somewhat below the new
 looked at again (``_RECHECK_KEYS``): a batch that commits after a later one still joins. Images
 that ``assign_to_active_set`` put into the active set between rebuilds therefore vote at once,
 as they count at once in the ``cluster`` method. Tags are never cached: each suggestion reads
-which candidates still exist (a deleted image does not vote) with their posts and owners, and the
-counted tags of the voters' posts. A rebuild activates a new set,
+which candidates still exist (a deleted image does not vote) and the counted tags of the voters'
+posts. A rebuild activates a new set,
 and the next query builds a new index for it.
 """
 
@@ -50,8 +51,16 @@ from imagetags.models import (
 from imagetags.search.exact import ExactSearch
 from imagetags.services import vectors
 
-# Columns read for each member: its cluster, image, vector and membership key.
-_MEMBER_FIELDS = ("cluster_id", "image_id", "image__vector", "pk")
+# Columns read for each member: enough to vote without touching the post again.
+_MEMBER_FIELDS = (
+    "cluster_id",
+    "image_id",
+    "image__vector",
+    "pk",
+    "image__post_id",
+    "image__post__owner_id",
+    "image__post__external_owner",
+)
 # New memberships also bring what decides whether their vector is usable.
 _NEW_MEMBER_FIELDS = (*_MEMBER_FIELDS, "image__extractor_key", "image__feature_status")
 # Membership keys this far below the newest one seen are looked at again when new members
@@ -108,6 +117,7 @@ class VotingIndex:
         self.cluster_ids = list(cluster_ids)
         self._position = {cluster_id: n for n, cluster_id in enumerate(self.cluster_ids)}
         self.search = ExactSearch(centers, size=cluster_set.n_images, loader=self._read_clusters)
+        self.members = _Members()
         self._lock = threading.RLock()
         self._priors: dict[str, dict[str, float]] = {}
         # Library-wide shares move slowly: they are recomputed once the set has grown by 1 %.
@@ -159,15 +169,22 @@ class VotingIndex:
 
     def _usable(self, row: tuple) -> bool:
         # A vector recomputed since the rebuild (another extractor) no longer fits the centres.
-        # Rows laid out as _NEW_MEMBER_FIELDS: vector, key, extractor, status.
-        return row[2] is not None and row[4] == self.extractor_key and row[5] == FeatureStatus.READY
+        # Rows laid out as _NEW_MEMBER_FIELDS: vector, ..., extractor, status.
+        return row[2] is not None and row[7] == self.extractor_key and row[8] == FeatureStatus.READY
 
     def _columns(self, rows: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
-        """Image ids and vectors of member rows laid out as ``_MEMBER_FIELDS``: the vectors
-        decoded in one NumPy step (``vectors.stack``), not row by row."""
+        """Image ids and vectors of member rows laid out as ``_MEMBER_FIELDS`` (the vectors
+        decoded in one NumPy step, ``vectors.stack``, not row by row); their posts and owners
+        go into ``self.members``."""
         n = len(rows)
         matrix = vectors.stack([row[2] for row in rows], self.dim, count=n)
-        return np.fromiter((row[1] for row in rows), dtype=np.int64, count=n), matrix
+        ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=n)
+        self.members.add(
+            ids,
+            np.fromiter((row[4] for row in rows), dtype=np.int64, count=n),
+            [owner_key(row[5], row[6]) for row in rows],
+        )
+        return ids, matrix
 
     def _read_clusters(
         self, positions: Sequence[int]
@@ -263,27 +280,29 @@ class VotingIndex:
         if self.preload:
             self.search.load(range(len(self.cluster_ids)))
         probed = self.search.probe(query, params.probes)
-        self.search.load(probed.tolist())
+        self.search.load(probed.tolist())  # before counting the candidates they hold
         searched = sum(self.search.list_size(int(p)) for p in probed)
-        # image -> (post, owner), read with the check that the image still exists; None: deleted
-        # since it was loaded, so it does not vote.
-        found: dict[int, tuple[int, str | None] | None] = {}
+        # image -> (post, owner) of the candidates that still exist (one loaded into the index
+        # may have been deleted since: it does not vote).
+        found: dict[int, tuple[int, str | None]] = {}
+        checked: set[int] = set()
 
         def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
-            ids, sims = self.search.search(query[None, :], n, params.probes)
-            ids, sims = ids[0], sims[0]
-            unknown = [int(i) for i in ids if int(i) not in found]
-            posts = _image_posts(unknown)
-            found.update((pk, posts.get(pk)) for pk in unknown)
-            keep = np.fromiter((found[int(i)] is not None for i in ids), bool, ids.shape[0])
+            ids, sims = self.search.search_lists(query, n, probed)
+            unknown = [int(i) for i in ids if int(i) not in checked]
+            existing = _existing_images(unknown)
+            checked.update(unknown)
+            alive = [pk for pk in unknown if pk in existing]
+            found.update(zip(alive, self.members.lookup(alive), strict=True))
+            keep = np.fromiter((int(i) in found for i in ids), bool, ids.shape[0])
             return ids[keep], sims[keep]
 
         def voter(image_id: int) -> Hashable:
-            post, owner = found[image_id]  # type: ignore[misc]  # only images that exist
+            post, owner = found[image_id]
             return voting.voter_of(post, owner, params.vote_by)
 
         def post_of(image_id: int) -> int:
-            return found[image_id][0]  # type: ignore[index]
+            return found[image_id][0]
 
         def tags_of(ids: np.ndarray) -> list[frozenset[str]]:
             # Tags of the voters' posts only, read now: the candidates are four times as many,
@@ -379,8 +398,59 @@ class VotingIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the loaded clusters (vectors and ids)."""
-        return self.search.nbytes
+        """Bytes held by the loaded clusters (vectors, ids, posts, owners)."""
+        return self.search.nbytes + self.members.nbytes
+
+
+class _Members:
+    """The post and owner of every loaded member, by image id: sorted NumPy columns (about 20
+    bytes a member, not a Python object each), merged when members were added since the last
+    lookup. Owners are few (people, import sources): a small code per member."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = np.empty(0, dtype=np.int64)
+        self._posts = np.empty(0, dtype=np.int64)
+        self._owners = np.empty(0, dtype=np.int32)  # position in owner_keys, -1 when unknown
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.owner_keys: list[str] = []
+        self._owner_codes: dict[str, int] = {}
+
+    def add(self, ids: np.ndarray, posts: np.ndarray, owners: Sequence[str | None]) -> None:
+        with self._lock:
+            codes = np.fromiter((self._code(o) for o in owners), np.int32, len(owners))
+            self._pending.append((ids, posts, codes))
+
+    def _code(self, owner: str | None) -> int:
+        if owner is None:
+            return -1
+        code = self._owner_codes.get(owner)
+        if code is None:
+            code = self._owner_codes[owner] = len(self.owner_keys)
+            self.owner_keys.append(owner)
+        return code
+
+    def lookup(self, image_ids: Sequence[int]) -> list[tuple[int, str | None]]:
+        """(post, owner) of loaded members."""
+        with self._lock:
+            if self._pending:
+                ids, posts, owners = (
+                    np.concatenate([mine, *(chunk[n] for chunk in self._pending)])
+                    for n, mine in enumerate((self._ids, self._posts, self._owners))
+                )
+                order = np.argsort(ids, kind="stable")
+                self._ids, self._posts, self._owners = ids[order], posts[order], owners[order]
+                self._pending = []
+            at = np.searchsorted(self._ids, np.asarray(image_ids, dtype=np.int64))
+            posts, codes = self._posts[at].tolist(), self._owners[at].tolist()
+        return [
+            (post, self.owner_keys[code] if code >= 0 else None)
+            for post, code in zip(posts, codes, strict=True)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self._ids.nbytes + self._posts.nbytes + self._owners.nbytes
 
 
 # --- the reads every suggestion makes -----------------------------------------------------------
@@ -426,12 +496,8 @@ class _CompiledIn:
         return out
 
 
-_IMAGE_POSTS = _CompiledIn(
-    lambda ids: (
-        StockImage.objects.filter(pk__in=ids)
-        .order_by()
-        .values_list("pk", "post_id", "post__owner_id", "post__external_owner")
-    ),
+_EXISTING_IMAGES = _CompiledIn(
+    lambda ids: StockImage.objects.filter(pk__in=ids).order_by().values_list("pk"),
     StockImage,
 )
 _POST_TAGS = _CompiledIn(
@@ -447,21 +513,16 @@ _POST_TAGS = _CompiledIn(
 
 def _forget_compiled(**_kwargs: Any) -> None:
     # COUNTED_TAG_SOURCES (inside counted()) or the databases may have changed (tests).
-    _IMAGE_POSTS.clear()
+    _EXISTING_IMAGES.clear()
     _POST_TAGS.clear()
 
 
 setting_changed.connect(_forget_compiled)
 
 
-def _image_posts(image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
-    """The post and owner of each of these images that still exists (one loaded into the index
-    may have been deleted)."""
-    unique = list(dict.fromkeys(image_ids))
-    return {
-        pk: (post_id, owner_key(owner_id, external))
-        for pk, post_id, owner_id, external in _IMAGE_POSTS.rows(unique)
-    }
+def _existing_images(image_ids: list[int]) -> set[int]:
+    """Which of these images still exist (one loaded into the index may have been deleted)."""
+    return {pk for (pk,) in _EXISTING_IMAGES.rows(list(dict.fromkeys(image_ids)))}
 
 
 def _post_tags(post_ids: Iterable[int]) -> dict[int, frozenset[str]]:
