@@ -289,12 +289,13 @@ class VotingIndex:
 
         def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
             ids, sims = self.search.search_lists(query, n, probed)
-            unknown = [int(i) for i in ids if int(i) not in checked]
+            listed = ids.tolist()
+            unknown = [pk for pk in listed if pk not in checked]
             existing = _existing_images(unknown)
             checked.update(unknown)
             alive = [pk for pk in unknown if pk in existing]
             found.update(zip(alive, self.members.lookup(alive), strict=True))
-            keep = np.fromiter((int(i) in found for i in ids), bool, ids.shape[0])
+            keep = np.fromiter((pk in found for pk in listed), bool, len(listed))
             return ids[keep], sims[keep]
 
         def voter(image_id: int) -> Hashable:
@@ -464,21 +465,25 @@ class _CompiledIn:
     def __init__(self, build: Callable[[list[int]], QuerySet], model: type) -> None:
         self._build = build
         self._model = model
-        self._compiled: dict[tuple[str, int], tuple[str, list[Any], list[int]]] = {}
+        # (alias, number of ids) -> (SQL, the parameters before the ids, those after them)
+        self._compiled: dict[tuple[str, int], tuple[str, list[Any], list[Any]]] = {}
 
     def clear(self) -> None:
         self._compiled.clear()
 
-    def _sql(self, alias: str, n: int) -> tuple[str, list[Any], list[int]]:
+    def _sql(self, alias: str, n: int) -> tuple[str, list[Any], list[Any]]:
         key = (alias, n)
         compiled = self._compiled.get(key)
         if compiled is None:
-            # Placeholder ids no real row has; their positions among the parameters are where
-            # a call's ids go.
+            # Placeholder ids no real row has: where they sit among the parameters is where a
+            # call's ids go (one IN list, so one run of parameters).
             placeholders = [-1 - i for i in range(n)]
             sql, params = self._build(placeholders).query.get_compiler(using=alias).as_sql()
-            where = {value: i for i, value in enumerate(params) if type(value) is int}
-            compiled = self._compiled[key] = (sql, list(params), [where[p] for p in placeholders])
+            params = list(params)
+            start = next(i for i, value in enumerate(params) if type(value) is int and value == -1)
+            if params[start : start + n] != placeholders:
+                raise ValueError("The ids must form one run of parameters in the compiled SQL.")
+            compiled = self._compiled[key] = (sql, params[:start], params[start + n :])
         return compiled
 
     def rows(self, ids: Sequence[int]) -> list[tuple]:
@@ -486,12 +491,9 @@ class _CompiledIn:
         out: list[tuple] = []
         for start in range(0, len(ids), _SQL_BATCH):
             batch = list(ids[start : start + _SQL_BATCH])
-            sql, template, slots = self._sql(alias, len(batch))
-            params = list(template)
-            for slot, value in zip(slots, batch, strict=True):
-                params[slot] = value
+            sql, before, after = self._sql(alias, len(batch))
             with connections[alias].cursor() as cursor:
-                cursor.execute(sql, params)
+                cursor.execute(sql, [*before, *batch, *after])
                 out.extend(cursor.fetchall())
         return out
 
