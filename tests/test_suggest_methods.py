@@ -211,3 +211,13 @@ def test_merged_suggestions_say_which_method_answered(soups_and_cakes):
     assert merged.method == "ivf"
     assert merged.as_dict()["method"] == "ivf"
     assert merged.tags[0].evidence.startswith("on ")
+
+
+def test_a_changed_counted_sources_setting_reaches_the_voters_tags(soups_and_cakes, settings):
+    """The voters' tags are read with SQL compiled once per process: a settings change (tests,
+    override_settings) compiles it again rather than keeping the old sources."""
+    voting(settings, PRIOR_WEIGHT=0.0)
+    query = unit(1, 0.05, seed=8)
+    assert "soup" in names(suggest(query))
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "COUNTED_TAG_SOURCES": ["imported"]}
+    assert suggest(query).tags == []  # every tag of the library is typed: none counts now

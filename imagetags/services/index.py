@@ -29,6 +29,7 @@ and the next query builds a new index for it.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -458,46 +459,54 @@ class _Members:
 
 
 class _CompiledIn:
-    """A queryset over ``IN (ids)``, compiled by the ORM once per number of ids and database,
-    then run as plain SQL with the ids swapped in: building and compiling it on every
-    suggestion cost more (~0.4-1 ms) than the database took to answer."""
+    """A queryset over ``IN (ids)``, compiled by the ORM once per database, then run as plain
+    SQL with the ids' placeholders spliced in: building and compiling it on every suggestion
+    cost more (~0.4-1 ms) than the database took to answer, and compiling it once per number
+    of ids would still compile inside most of a process's first suggestions."""
 
     def __init__(self, build: Callable[[list[int]], QuerySet], model: type) -> None:
         self._build = build
         self._model = model
-        # (alias, number of ids) -> (SQL, the parameters before the ids, those after them)
-        self._compiled: dict[tuple[str, int], tuple[str, list[Any], list[Any]]] = {}
+        # alias -> (SQL before the ids' placeholder, after it, parameters before, after)
+        self._compiled: dict[str, tuple[str, str, list[Any], list[Any]]] = {}
+        self._sql: dict[tuple[str, int], str] = {}  # (alias, number of ids) -> SQL
 
     def clear(self) -> None:
         self._compiled.clear()
+        self._sql.clear()
 
-    def _sql(self, alias: str, n: int) -> tuple[str, list[Any], list[Any]]:
-        key = (alias, n)
-        compiled = self._compiled.get(key)
+    def _split(self, alias: str) -> tuple[str, str, list[Any], list[Any]]:
+        compiled = self._compiled.get(alias)
         if compiled is None:
-            # Placeholder ids no real row has: where they sit among the parameters is where a
-            # call's ids go (one IN list, so one run of parameters).
-            placeholders = [-1 - i for i in range(n)]
-            sql, params = self._build(placeholders).query.get_compiler(using=alias).as_sql()
+            # Compiled with one id no row has; its parameter is the n-th placeholder of the SQL
+            # (the ORM writes one ``%s`` per parameter, in order, and a literal % as ``%%``).
+            sql, params = self._build([-1]).query.get_compiler(using=alias).as_sql()
             params = list(params)
-            start = next(i for i, value in enumerate(params) if type(value) is int and value == -1)
-            if params[start : start + n] != placeholders:
-                raise ValueError("The ids must form one run of parameters in the compiled SQL.")
-            compiled = self._compiled[key] = (sql, params[:start], params[start + n :])
+            at = next(i for i, value in enumerate(params) if type(value) is int and value == -1)
+            slots = [m for m in _PLACEHOLDER.finditer(sql) if m.group() == "%s"]
+            if len(slots) != len(params):
+                raise ValueError(f"Cannot tell the parameters of {sql!r} apart.")
+            slot = slots[at]
+            compiled = (sql[: slot.start()], sql[slot.end() :], params[:at], params[at + 1 :])
+            self._compiled[alias] = compiled
         return compiled
 
     def rows(self, ids: Sequence[int]) -> list[tuple]:
         alias = router.db_for_read(self._model)
+        before, after, params_before, params_after = self._split(alias)
         out: list[tuple] = []
         for start in range(0, len(ids), _SQL_BATCH):
             batch = list(ids[start : start + _SQL_BATCH])
-            sql, before, after = self._sql(alias, len(batch))
+            sql = self._sql.get((alias, len(batch)))
+            if sql is None:
+                sql = self._sql[alias, len(batch)] = before + ", ".join(["%s"] * len(batch)) + after
             with connections[alias].cursor() as cursor:
-                cursor.execute(sql, [*before, *batch, *after])
+                cursor.execute(sql, [*params_before, *batch, *params_after])
                 out.extend(cursor.fetchall())
         return out
 
 
+_PLACEHOLDER = re.compile("%%|%s")
 _EXISTING_IMAGES = _CompiledIn(
     lambda ids: StockImage.objects.filter(pk__in=ids).order_by().values_list("pk"),
     StockImage,
