@@ -340,9 +340,13 @@ class VotingIndex:
         return self.vote(query, params)[1]
 
     def load_all(self, vote_by: str) -> None:
-        """Load every cluster and the library-wide tag shares now (a warm-up), so that no
-        request pays for them: at 1,000,000 images they cost seconds (docs/performance.md)."""
+        """Load every cluster, the library-wide tag shares and the per-suggestion SQL now (a
+        warm-up), so that no request pays for them: at 1,000,000 images they cost seconds
+        (docs/performance.md)."""
         self.search.load(range(len(self.cluster_ids)))
+        self.members.merge()
+        _EXISTING_IMAGES.prepare()
+        _POST_TAGS.prepare()
         self.priors(vote_by)
 
     def priors(self, vote_by: str) -> dict[str, float]:
@@ -432,8 +436,8 @@ class _Members:
             self.owner_keys.append(owner)
         return code
 
-    def lookup(self, image_ids: Sequence[int]) -> list[tuple[int, str | None]]:
-        """(post, owner) of loaded members."""
+    def merge(self) -> None:
+        """Sort the members added since the last lookup into the columns."""
         with self._lock:
             if self._pending:
                 ids, posts, owners = (
@@ -443,6 +447,11 @@ class _Members:
                 order = np.argsort(ids, kind="stable")
                 self._ids, self._posts, self._owners = ids[order], posts[order], owners[order]
                 self._pending = []
+
+    def lookup(self, image_ids: Sequence[int]) -> list[tuple[int, str | None]]:
+        """(post, owner) of loaded members."""
+        self.merge()
+        with self._lock:
             at = np.searchsorted(self._ids, np.asarray(image_ids, dtype=np.int64))
             posts, codes = self._posts[at].tolist(), self._owners[at].tolist()
         return [
@@ -490,6 +499,10 @@ class _CompiledIn:
             compiled = (sql[: slot.start()], sql[slot.end() :], params[:at], params[at + 1 :])
             self._compiled[alias] = compiled
         return compiled
+
+    def prepare(self) -> None:
+        """Compile now (a warm-up), not in the first suggestion."""
+        self._split(router.db_for_read(self._model))
 
     def rows(self, ids: Sequence[int]) -> list[tuple]:
         alias = router.db_for_read(self._model)
