@@ -5,9 +5,9 @@
 
 Synthetic unit vectors (a mixture of 1,000 Gaussian topics, so neighbours mean something) stand in
 for a library of MobileNetV2 (1280-d) or VGG16 (512-d) features, each image its own post with a
-few tags of its topic. Both methods run the serving code of ``imagetags.services.ranking``: the
-search (every vector for ``knn``; the K centres, then the members of the ``PROBES`` nearest
-clusters for ``ivf``), then the neighbour vote and the ranking. K is what ``rebuild_clusters``
+few tags of its topic. Both methods run the serving code: ``search.exact.ExactSearch`` (every
+vector, as one list, for ``knn``; the K centres, then the members of the ``PROBES`` nearest
+clusters for ``ivf``), then ``core.voting.vote`` (the neighbour vote and the ranking). K is what ``rebuild_clusters``
 picks for that size (``ranking.auto_k``); the centres are fitted with the same mini-batch k-means
 on a 20,000-vector sample and every vector is assigned to its nearest centre, as a rebuild does.
 
@@ -35,6 +35,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagetags.conf import DEFAULTS  # noqa: E402
+from imagetags.core import counting, voting  # noqa: E402
+from imagetags.search.exact import ExactSearch  # noqa: E402
 from imagetags.services import ranking  # noqa: E402
 from imagetags.services.vectors import l2_normalize  # noqa: E402
 
@@ -62,48 +64,51 @@ def synthetic_library(n: int, dim: int, seed: int) -> tuple[np.ndarray, list[fro
 
 
 def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
-    voting = ranking.VoteParams.from_setting(DEFAULTS["VOTING"])
-    exact = voting.exact()
+    params = voting.VoteParams.from_setting(DEFAULTS["VOTING"])
+    exact = params.exact()
     matrix, tags = synthetic_library(n, dim, seed)
     posts = list(range(n))
-    voters = [ranking.voter_of(post, None, voting.vote_by) for post in posts]
-    prior = ranking.prior_shares(dict(zip(posts, tags, strict=True)))
+    voters = [voting.voter_of(post, None, params.vote_by) for post in posts]
+    prior = counting.prior_shares(dict(zip(posts, tags, strict=True)))
     k = ranking.auto_k(n)
     sample = np.random.default_rng(seed).choice(n, size=min(n, 20_000), replace=False)
     fitted = ranking.fit_clusters(matrix[sample], k, seed=seed)
     labels, _sims = ranking.nearest_centers(matrix, fitted.centers)
-    lists = ranking.InvertedLists.from_labels(matrix, labels, fitted.centers)
-    # The compact blocks services/index.py keeps for sets over 256 MB of float32: bfloat16.
-    compact = ranking.InvertedLists(
-        centers=lists.centers, blocks=[ranking.to_bfloat16(b) for b in lists.blocks], ids=lists.ids
-    )
+    lists = ExactSearch(fitted.centers, compact=False)
+    lists.add(np.arange(n), matrix, labels)
+    # The compact lists ExactSearch keeps for sets over 256 MB of float32: bfloat16.
+    compact = ExactSearch(fitted.centers, compact=True)
+    compact.add(np.arange(n), matrix, labels)
+    # knn compares every vector: the whole library as one list, one product per query.
+    whole = ExactSearch(fitted.centers[:1], compact=False)
+    whole.add(np.arange(n), matrix, np.zeros(n, dtype=np.int64))
     rng = np.random.default_rng(seed + 1)
     picks = rng.integers(0, n, queries)
     noise = rng.normal(scale=0.9 / np.sqrt(dim), size=(queries, dim)).astype(np.float32)
     probes_q = l2_normalize(matrix[picks] + noise)
 
     def answer(
-        query: np.ndarray, params: ranking.VoteParams, inverted: ranking.InvertedLists = lists
+        query: np.ndarray, asked: voting.VoteParams, inverted: ExactSearch = lists
     ) -> tuple[list, np.ndarray]:
-        if params.probes is None:
+        searched = whole if asked.probes is None else inverted
 
-            def search(c: int) -> tuple[np.ndarray, np.ndarray]:
-                return ranking.top_similar(query, matrix, c)
+        def search(c: int) -> tuple[np.ndarray, np.ndarray]:
+            ids, sims = searched.search(query[None, :], c, asked.probes)
+            return ids[0], sims[0]
 
-        else:
-
-            def search(c: int) -> tuple[np.ndarray, np.ndarray]:
-                return inverted.search(query, params.probes, c)
-
-        ids, sims, who = ranking.nearest_voters(search, voters.__getitem__, params.neighbours, n)
-        votes = ranking.neighbour_votes(
-            who, [tags[int(i)] for i in ids], sims, temperature=params.temperature
+        ranked, found = voting.vote(
+            search,
+            voters.__getitem__,
+            lambda ids: [tags[int(i)] for i in ids],
+            asked,
+            available=n,
+            prior=prior,
+            limit=10,
         )
-        ranked = ranking.rank_votes(votes, prior=prior, prior_weight=params.prior_weight, limit=10)
-        return ranked, ids
+        return ranked, found.ids
 
     for query in probes_q[:5]:  # warm caches and code paths
-        answer(query, exact), answer(query, voting)
+        answer(query, exact), answer(query, params)
     exact_ms, ivf_ms, compact_ms, recall, same_top5 = [], [], [], [], []
     compact_recall, compact_same = [], []
     for query in probes_q:
@@ -111,10 +116,10 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
         exact_ranked, exact_ids = answer(query, exact)
         exact_ms.append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
-        ivf_ranked, ivf_ids = answer(query, voting)
+        ivf_ranked, ivf_ids = answer(query, params)
         ivf_ms.append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
-        compact_ranked, compact_ids = answer(query, voting, compact)
+        compact_ranked, compact_ids = answer(query, params, compact)
         compact_ms.append(1000 * (time.perf_counter() - started))
         recall.append(len(set(exact_ids.tolist()) & set(ivf_ids.tolist())) / len(exact_ids))
         same_top5.append([t.tag for t in exact_ranked[:5]] == [t.tag for t in ivf_ranked[:5]])
@@ -123,16 +128,13 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
         )
         compact_same.append([t.tag for t in ivf_ranked[:5]] == [t.tag for t in compact_ranked[:5]])
     members = np.bincount(labels, minlength=fitted.k)
-    touched = [
-        fitted.k + int(members[ranking.nearest_lists(q, fitted.centers, voting.probes)].sum())
-        for q in probes_q
-    ]
+    touched = [fitted.k + int(members[lists.probe(q, params.probes)].sum()) for q in probes_q]
     exact_median, ivf_median = statistics.median(exact_ms), statistics.median(ivf_ms)
     return {
         "n": n,
         "dim": dim,
         "k": fitted.k,
-        "probes": voting.probes,
+        "probes": params.probes,
         "touched": statistics.mean(touched),
         "exact_ms": exact_median,
         "ivf_ms": ivf_median,

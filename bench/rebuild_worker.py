@@ -242,10 +242,11 @@ def suggest_latency(
 
 
 def _index_mb() -> float:
-    """Memory held by this process's voting index (vectors, ids, owners), if it has one."""
-    from imagetags.services import index
+    """Memory held by this process's voting index (vectors and ids), if it has one."""
+    from imagetags.services.serving import serving_cache
 
-    return index._index.nbytes / 2**20 if index._index is not None else 0.0
+    index = serving_cache().loaded_index
+    return index.nbytes / 2**20 if index is not None else 0.0
 
 
 def main() -> None:

@@ -88,6 +88,17 @@ def media_root(tmp_path: Path, settings) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def fresh_serving_cache():
+    # The serving cache (active set, centres, voting index) is per process; each test's
+    # database is new.
+    from imagetags.services import serving
+
+    serving.reset()
+    yield
+    serving.reset()
+
+
+@pytest.fixture(autouse=True)
 def fresh_throttle_counts():
     # Throttle history (API and plain views) lives in the cache, and user ids repeat across
     # rolled-back tests: one test's requests must not count against the next one's.

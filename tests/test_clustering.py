@@ -12,6 +12,7 @@ from django.core.management.base import CommandError
 from django.db import transaction
 from django.test import override_settings
 
+from imagetags.core import counting, voting
 from imagetags.models import (
     Cluster,
     ClusterMembership,
@@ -44,16 +45,16 @@ def test_once_per_post_counting_changes_the_ranking():
     labels = [0] * 12
     post_ids = ["big"] * 9 + ["a", "b", "c"]
     post_tags = {"big": ["burger"], "a": ["pizza"], "b": ["pizza"], "c": ["pizza"]}
-    post_counts, counters = ranking.count_tag_frequencies(labels, post_ids, post_tags, k=1)
+    post_counts, counters = counting.count_tag_frequencies(labels, post_ids, post_tags, k=1)
     assert post_counts == [4]
     assert counters[0] == {"pizza": 3, "burger": 1}
-    ranked = ranking.rank_cluster_tags(counters[0], post_counts[0])
+    ranked = voting.rank_cluster_tags(counters[0], post_counts[0])
     assert [r.tag for r in ranked] == ["pizza", "burger"]
     assert ranked[0].evidence == "in 3 of 4 similar posts"
 
 
 def test_a_post_split_across_clusters_votes_in_each():
-    post_counts, counters = ranking.count_tag_frequencies(
+    post_counts, counters = counting.count_tag_frequencies(
         [0, 1, 1], ["p", "p", "q"], {"p": ["x"], "q": ["x", "y"]}, k=2
     )
     assert post_counts == [1, 2]
@@ -63,11 +64,11 @@ def test_a_post_split_across_clusters_votes_in_each():
 
 def test_rank_threshold_limit_exclude_and_stable_ties():
     counts = {"b": 2, "a": 2, "c": 1, "d": 4}
-    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4)] == ["d", "a", "b", "c"]
-    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, limit=2)] == ["d", "a"]
-    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, threshold=0.5)] == ["d", "a", "b"]
-    assert [r.tag for r in ranking.rank_cluster_tags(counts, 4, exclude={"d"})] == ["a", "b", "c"]
-    assert ranking.rank_cluster_tags(counts, 0) == []
+    assert [r.tag for r in voting.rank_cluster_tags(counts, 4)] == ["d", "a", "b", "c"]
+    assert [r.tag for r in voting.rank_cluster_tags(counts, 4, limit=2)] == ["d", "a"]
+    assert [r.tag for r in voting.rank_cluster_tags(counts, 4, threshold=0.5)] == ["d", "a", "b"]
+    assert [r.tag for r in voting.rank_cluster_tags(counts, 4, exclude={"d"})] == ["a", "b", "c"]
+    assert voting.rank_cluster_tags(counts, 0) == []
 
 
 def test_rebuild_counts_each_tag_once_per_post(add_post):

@@ -6,21 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from imagetags.core import vectors as core_vectors
+from imagetags.core.voting import VoteParams
 from imagetags.models import ClusterMembership, ClusterSet, Post, StockImage
-from imagetags.services import ranking
+from imagetags.search.exact import ExactSearch
+from imagetags.services import ranking, serving
 from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
-from imagetags.services.index import VotingIndex, reset_voting_index, voting_index
+from imagetags.services.index import VotingIndex
+from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import suggest
 from imagetags.services.vectors import l2_normalize
 
 from .conftest import unit
 
 
-@pytest.fixture(autouse=True)
-def fresh_index():
-    reset_voting_index()
-    yield
-    reset_voting_index()
+def voting_index(cluster_set: ClusterSet) -> VotingIndex:
+    return serving_cache().voting_index(cluster_set)
 
 
 @pytest.fixture(params=["preloaded", "lazy", "lazy-compact"])
@@ -30,7 +31,7 @@ def layout(request, monkeypatch):
     if request.param != "preloaded":
         monkeypatch.setattr(VotingIndex, "preload_below_bytes", 0)
     if request.param == "lazy-compact":
-        monkeypatch.setattr(VotingIndex, "compact_above_bytes", 0)
+        monkeypatch.setattr(ExactSearch, "compact_above_bytes", 0)
     return request.param
 
 
@@ -43,7 +44,7 @@ def names(result) -> list[str]:
 
 def test_bfloat16_keeps_eight_significant_bits():
     values = np.array([1.0, -0.5, 0.1, 3.14159, 1e-20, 0.0], dtype=np.float32)
-    back = ranking.from_bfloat16(ranking.to_bfloat16(values))
+    back = core_vectors.from_bfloat16(core_vectors.to_bfloat16(values))
     assert back.dtype == np.float32
     assert back[0] == 1.0 and back[1] == -0.5 and back[-1] == 0.0  # exact where representable
     assert np.all(np.abs(back - values) <= np.abs(values) * 2**-8)
@@ -53,10 +54,10 @@ def test_compact_blocks_scan_like_float32_beyond_one_widening_step():
     rng = np.random.default_rng(3)
     block = l2_normalize(rng.normal(size=(1000, 512)).astype(np.float32))  # > 256-row steps
     query = block[17]
-    compact = ranking.to_bfloat16(block)
-    sims = ranking.block_similarities(compact, query)
+    compact = core_vectors.to_bfloat16(block)
+    sims = core_vectors.block_similarities(compact, query)
     # Exactly the float32 scan of the widened rows, chunking or not ...
-    assert np.allclose(sims, ranking.from_bfloat16(compact) @ query, atol=1e-6)
+    assert np.allclose(sims, core_vectors.from_bfloat16(compact) @ query, atol=1e-6)
     # ... and within bfloat16's rounding of the exact similarities.
     assert np.abs(sims - block @ query).max() < 1e-3
     assert int(np.argmax(sims)) == 17
@@ -71,16 +72,15 @@ def test_compact_blocks_find_the_same_neighbours_within_rounding():
     vectors = l2_normalize(topics[labels] + rng.normal(scale=0.06, size=(4000, 256)))
     centers = topics
     assigned, _sims = ranking.nearest_centers(vectors, centers)
-    exact = ranking.InvertedLists.from_labels(vectors, assigned, centers)
-    compact = ranking.InvertedLists(
-        centers=centers,
-        blocks=[ranking.to_bfloat16(block) for block in exact.blocks],
-        ids=exact.ids,
-    )
+    exact = ExactSearch(centers, compact=False)
+    exact.add(np.arange(4000), vectors, assigned)
+    compact = ExactSearch(centers, compact=True)
+    compact.add(np.arange(4000), vectors, assigned)
     overlap = []
     for query in l2_normalize(vectors[:50] + rng.normal(scale=0.05, size=(50, 256))):
-        ids, sims = exact.search(query, 3, 20)
-        compact_ids, compact_sims = compact.search(query, 3, 20)
+        ids, sims = exact.search(query[None, :], 20, 3)
+        compact_ids, compact_sims = compact.search(query[None, :], 20, 3)
+        ids, sims, compact_ids, compact_sims = ids[0], sims[0], compact_ids[0], compact_sims[0]
         overlap.append(len(set(ids.tolist()) & set(compact_ids.tolist())) / 20)
         assert np.abs(np.sort(sims) - np.sort(compact_sims)).max() < 1e-3
     assert np.mean(overlap) >= 0.95
@@ -144,13 +144,15 @@ def test_small_sets_are_read_whole_large_ones_per_cluster(add_post, monkeypatch,
     index = voting_index(ClusterSet.objects.active())
     assert (index.loaded_clusters, index.preload, index.compact) == (6, True, False)
 
-    reset_voting_index()
+    serving.reset()
     monkeypatch.setattr(VotingIndex, "preload_below_bytes", 0)
-    monkeypatch.setattr(VotingIndex, "compact_above_bytes", 0)
+    monkeypatch.setattr(ExactSearch, "compact_above_bytes", 0)
     assert "topic4" in names(suggest(unit(4, 0.05, seed=1)))
     index = voting_index(ClusterSet.objects.active())
     assert (index.loaded_clusters, index.preload, index.compact) == (2, False, True)
-    assert all(block.vectors.dtype == ranking.BFLOAT16 for block in index._blocks.values())
+    assert all(
+        index.search.block(c).dtype == core_vectors.BFLOAT16 for c in index.search.loaded_lists
+    )
 
 
 def test_every_layout_suggests_alike(soups_and_cakes, layout):
@@ -189,9 +191,9 @@ def test_a_deleted_image_does_not_vote_even_as_the_nearest(soups_and_cakes):
     query = unit(1, 0.05, seed=8)
     suggest(query)
     index = voting_index(ClusterSet.objects.active())
-    nearest = int(index.neighbours(query, ranking.VoteParams()).image_ids[0])
+    nearest = int(index.neighbours(query, VoteParams()).image_ids[0])
     StockImage.objects.filter(pk=nearest).delete()
-    found = index.neighbours(query, ranking.VoteParams())
+    found = index.neighbours(query, VoteParams())
     assert nearest not in found.image_ids.tolist()
     assert len(found.tag_sets) == len(found.post_ids) == found.image_ids.shape[0]
 
@@ -199,11 +201,10 @@ def test_a_deleted_image_does_not_vote_even_as_the_nearest(soups_and_cakes):
 def test_warm_up_loads_the_whole_index_before_the_first_suggestion(
     soups_and_cakes, django_assert_num_queries
 ):
-    from imagetags.services import index
     from imagetags.services.suggest import warm_up
 
     warm_up()
-    warmed = index._index
+    warmed = serving_cache().loaded_index
     assert warmed is not None and warmed.cluster_set_id == soups_and_cakes.pk
     assert warmed.loaded_clusters == 2 and warmed._priors  # every cluster, and the tag shares
     # The first suggestion then costs what later ones do: no loading queries.
@@ -212,8 +213,7 @@ def test_warm_up_loads_the_whole_index_before_the_first_suggestion(
 
 
 def test_warm_up_without_clusters_only_loads_the_model(db):
-    from imagetags.services import index
     from imagetags.services.suggest import warm_up
 
     warm_up()
-    assert index._index is None
+    assert serving_cache().loaded_index is None

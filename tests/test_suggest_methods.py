@@ -8,23 +8,18 @@ import numpy as np
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from imagetags.core import counting
+from imagetags.core import voting as core_voting
 from imagetags.models import ClusterSet, Post, PostTag, StockImage, Tag
 from imagetags.services import ranking
 from imagetags.services import vectors as vec
 from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
 from imagetags.services.evaluation import ClusterModel, ImageSet, LibraryModel
-from imagetags.services.index import VotingIndex, reset_voting_index, voting_index
+from imagetags.services.index import VotingIndex
+from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import suggest, suggest_many, suggest_method
 
 from .conftest import unit
-
-
-@pytest.fixture(autouse=True)
-def fresh_index():
-    # The index is per process; each test's database is new.
-    reset_voting_index()
-    yield
-    reset_voting_index()
 
 
 def voting(settings, **values):
@@ -116,7 +111,7 @@ def test_only_the_probed_clusters_are_loaded(add_post, settings, monkeypatch):
 
     assert result.tags[0].name in {"topic4", "food"}
     assert "topic4" in names(result)
-    assert voting_index(active_set()).loaded_clusters == 2
+    assert serving_cache().voting_index(active_set()).loaded_clusters == 2
     assert "6 images in the 2 nearest clusters" in result.notes[0]
 
 
@@ -202,10 +197,10 @@ def test_serving_and_evaluation_rank_alike(soups_and_cakes):
         [vec.from_bytes(c.centroid) for c in active.clusters.order_by("index")]
     ).astype(np.float32)
     labels, sims = ranking.nearest_centers(matrix, centers)
-    counts, freqs = ranking.count_tag_frequencies(labels, posts, library.post_tags, len(centers))
+    counts, freqs = counting.count_tag_frequencies(labels, posts, library.post_tags, len(centers))
     result = ranking.ClusteringResult(centers, labels, sims, 0.0, 1, "kmeans", 0.0)
     model = LibraryModel.build(library, ClusterModel(result, counts, freqs))
-    params = ranking.VoteParams()
+    params = core_voting.VoteParams()
     for seed, axis in enumerate([0, 1, 0, 1, 2]):
         query = unit(axis, 0.3, seed=seed + 20)
         assert names(suggest(query, limit=5)) == model.vote(query, params, 5)
@@ -216,3 +211,13 @@ def test_merged_suggestions_say_which_method_answered(soups_and_cakes):
     assert merged.method == "ivf"
     assert merged.as_dict()["method"] == "ivf"
     assert merged.tags[0].evidence.startswith("on ")
+
+
+def test_a_changed_counted_sources_setting_reaches_the_voters_tags(soups_and_cakes, settings):
+    """The voters' tags are read with SQL compiled once per process: a settings change (tests,
+    override_settings) compiles it again rather than keeping the old sources."""
+    voting(settings, PRIOR_WEIGHT=0.0)
+    query = unit(1, 0.05, seed=8)
+    assert "soup" in names(suggest(query))
+    settings.IMAGETAGS = {**settings.IMAGETAGS, "COUNTED_TAG_SOURCES": ["imported"]}
+    assert suggest(query).tags == []  # every tag of the library is typed: none counts now

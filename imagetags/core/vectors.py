@@ -144,3 +144,42 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     norms[norms == 0] = 1.0
     matrix /= norms[:, None]
     return matrix
+
+
+# Compact blocks: bfloat16, the upper half of each float32, kept as uint16. Widening is one
+# integer shift, which NumPy does at memory speed, while its float16 cast runs ~6× slower than
+# the float32 scan itself (measured: docs/performance.md §2). A row's similarity moves by at most
+# ~3e-4 (8 significant bits per value; the query stays float32).
+BFLOAT16 = np.dtype(np.uint16)
+# Rows widened at a time: 256 × 512-d float32 is 512 KB, within the L2 cache.
+_WIDEN_BYTES = 2**19
+
+
+def to_bfloat16(matrix: np.ndarray) -> np.ndarray:
+    """float32 rows as bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(matrix, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(BFLOAT16)
+
+
+def from_bfloat16(block: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns back to float32 (exact: every bfloat16 is a float32)."""
+    return (block.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def block_similarities(block: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``block @ query`` for a float32 block, or for a bfloat16 one widened a few hundred rows
+    at a time into a cache-sized buffer (never the whole block: that would undo the saving)."""
+    if block.dtype != BFLOAT16:
+        return block @ query
+    n, dim = block.shape
+    out = np.empty(n, dtype=np.float32)
+    step = max(1, _WIDEN_BYTES // (4 * max(dim, 1)))
+    buffer = np.empty((min(step, n), dim), dtype=np.uint32)
+    query = np.asarray(query, dtype=np.float32)
+    for start in range(0, n, step):
+        rows = block[start : start + step]
+        wide = buffer[: rows.shape[0]]
+        np.left_shift(rows, 16, out=wide, dtype=np.uint32)
+        np.dot(wide.view(np.float32), query, out=out[start : start + rows.shape[0]])
+    return out

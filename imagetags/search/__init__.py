@@ -4,3 +4,8 @@ One small interface (:class:`imagetags.search.base.VectorSearch`) and backends r
 alias, like the extractors. Serving (``services``) and the offline evaluation both search through
 it, so what ``evaluate_suggestions`` measures is the search the site serves with.
 """
+
+from imagetags.search.base import VectorSearch, get_search_class, register
+from imagetags.search.exact import ExactSearch  # registers "exact"
+
+__all__ = ["ExactSearch", "VectorSearch", "get_search_class", "register"]

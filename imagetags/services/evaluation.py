@@ -2,12 +2,12 @@
 
 The library and the queries are read with the import's parser (``library.parse_manifest``),
 opened with the upload rules (``images.open_image``), embedded with a real extractor, clustered
-with ``ranking.fit_clusters``, counted with ``ranking.count_tag_frequencies`` and ranked by every
-method in ``METHODS``: ``popularity`` (``ranking.popularity_ranking``), the patent's ``cluster``
-(``ranking.rank_cluster_tags``), exact ``knn`` voting, and the ``VOTING`` setting's neighbour
-voting over the whole library (``vote``) or over the inverted file of the nearest clusters
-(``ivf``, ``ranking.InvertedLists``, ``nearest_voters``, ``neighbour_votes``, ``rank_votes``):
-the functions that serve the site's suggestions, so the numbers describe the serving code.
+with ``ranking.fit_clusters``, counted with ``core.counting.count_tag_frequencies`` and ranked by
+every method in ``METHODS``: ``popularity`` (``core.counting.popularity_ranking``), the patent's
+``cluster`` (``core.voting.cluster_tags``), exact ``knn`` voting, and the ``VOTING`` setting's
+neighbour voting over the whole library (``vote``) or over the inverted file of the nearest
+clusters (``ivf``): ``core.voting.vote`` over ``search.exact.ExactSearch``, the functions and the
+search that serve the site's suggestions, so the numbers describe the serving code.
 Nothing is read from or written to the site's database or media storage; the only file written
 is the optional vector cache.
 
@@ -35,7 +35,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagetags.core import counting
+from imagetags.core import voting as core_voting
 from imagetags.images import InvalidImage, file_sha256, open_image
+from imagetags.search.exact import ExactSearch
 from imagetags.services import ranking
 from imagetags.services.extractors import FeatureExtractor
 from imagetags.services.library import (
@@ -45,8 +48,7 @@ from imagetags.services.library import (
     parse_manifest,
     post_tags,
 )
-
-METHODS = ("popularity", "cluster")
+from imagetags.services.suggest import METHODS as SERVING_METHODS
 
 # Called with (images embedded so far, images to embed).
 Progress = Callable[[int, int], None]
@@ -356,14 +358,28 @@ class ClusterModel:
     post_counts: list[int]
     frequencies: list[Counter]
 
-    def rank(self, vector: np.ndarray, limit: int) -> list[str]:
-        """Tags of the cluster most similar to ``vector``, by how many of its posts carry them."""
-        labels, _sims = ranking.nearest_centers(vector[None, :], self.result.centers)
-        label = int(labels[0])
-        ranked = ranking.rank_cluster_tags(
-            self.frequencies[label], self.post_counts[label], limit=limit
+    def ranked(
+        self,
+        vector: np.ndarray,
+        limit: int | None,
+        *,
+        threshold: float | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[core_voting.RankedTag]:
+        """Tags of the cluster most similar to ``vector``, by how many of its posts carry them
+        (``core.voting.cluster_tags``, as ``suggest(method="cluster")`` ranks them)."""
+        answer = core_voting.cluster_tags(
+            vector,
+            self.result.centers,
+            lambda label: (self.frequencies[label], self.post_counts[label]),
+            limit=limit,
+            threshold=threshold,
+            exclude=exclude,
         )
-        return [str(item.tag) for item in ranked]
+        return answer.tags
+
+    def rank(self, vector: np.ndarray, limit: int) -> list[str]:
+        return [str(item.tag) for item in self.ranked(vector, limit)]
 
 
 def fit_cluster_model(
@@ -387,7 +403,7 @@ def fit_cluster_model(
         tol=tol,
         seed=seed,
     )
-    post_counts, frequencies = ranking.count_tag_frequencies(
+    post_counts, frequencies = counting.count_tag_frequencies(
         result.labels, library.posts, library.post_tags, result.k
     )
     return ClusterModel(result=result, post_counts=post_counts, frequencies=frequencies)
@@ -401,7 +417,7 @@ class LibraryModel:
 
     library: ImageSet
     clusters: ClusterModel
-    lists: ranking.InvertedLists
+    lists: ExactSearch  # ids: library row numbers
     popular: list[str]
     voters: dict[str, list[Hashable]]  # vote_by -> the voter of each library image
     priors: dict[str, dict[str, float]]  # vote_by -> library-wide share of voters per tag
@@ -411,59 +427,72 @@ class LibraryModel:
         assert library.vectors is not None
         voters: dict[str, list[Hashable]] = {}
         priors: dict[str, dict[str, float]] = {}
-        for by in ranking.VOTE_BY:
+        for by in core_voting.VOTE_BY:
             of_post = {
-                post: ranking.voter_of(post, library.owners.get(post), by)
+                post: core_voting.voter_of(post, library.owners.get(post), by)
                 for post in library.post_tags
             }
             voters[by] = [of_post[post] for post in library.posts]
-            priors[by] = ranking.prior_shares(library.post_tags, of_post)
+            priors[by] = counting.prior_shares(library.post_tags, of_post)
         return cls(
             library=library,
             clusters=clusters,
-            lists=ranking.InvertedLists.from_labels(
+            lists=ExactSearch.from_labels(
                 library.vectors, clusters.result.labels, clusters.result.centers
             ),
-            popular=[str(tag) for tag, _n in ranking.popularity_ranking(library.post_tags)],
+            popular=[str(tag) for tag, _n in counting.popularity_ranking(library.post_tags)],
             voters=voters,
             priors=priors,
         )
 
     def search(self, vector: np.ndarray, probes: int | None) -> Search:
-        """The candidates search for a query: exact over the library, or over ``probes`` lists."""
-        if probes is None:
-            return lambda n: ranking.top_similar(vector, self.library.vectors, n)
-        return lambda n: self.lists.search(vector, probes, n)
+        """The candidates search for a query: over the members of the ``probes`` nearest lists,
+        or (``None``) exact over the library."""
+
+        def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
+            ids, sims = self.lists.search(vector[None, :], n, probes)
+            return ids[0], sims[0]
+
+        return candidates
+
+    def voted(
+        self,
+        vector: np.ndarray,
+        params: core_voting.VoteParams,
+        limit: int | None,
+        search: Search | None = None,
+        *,
+        threshold: float | None = None,
+        exclude: Collection[str] = (),
+    ) -> tuple[list[core_voting.VotedTag], core_voting.Voters]:
+        """Neighbour voting as ``suggest()`` does it (``core.voting.vote``): the nearest
+        voters, their tags once each, against the library-wide shares; and who voted (ids:
+        library rows)."""
+        return core_voting.vote(
+            search or self.search(vector, params.probes),
+            self.voters[params.vote_by].__getitem__,
+            lambda ids: [self.library.tags_of(int(i)) for i in ids],
+            params,
+            available=len(self.library),
+            prior=self.priors[params.vote_by],
+            limit=limit,
+            threshold=threshold,
+            exclude=exclude,
+        )
 
     def vote(
         self,
         vector: np.ndarray,
-        params: ranking.VoteParams,
+        params: core_voting.VoteParams,
         limit: int,
         search: Search | None = None,
     ) -> list[str]:
-        """Neighbour voting as ``suggest()`` does it: the nearest voters, their tags once each."""
-        voters = self.voters[params.vote_by]
-        ids, sims, who = ranking.nearest_voters(
-            search or self.search(vector, params.probes),
-            voters.__getitem__,
-            params.neighbours,
-            len(self.library),
-        )
-        votes = ranking.neighbour_votes(
-            who, [self.library.tags_of(int(i)) for i in ids], sims, temperature=params.temperature
-        )
-        ranked = ranking.rank_votes(
-            votes,
-            prior=self.priors[params.vote_by],
-            prior_weight=params.prior_weight,
-            limit=limit,
-        )
+        ranked, _voters = self.voted(vector, params, limit, search)
         return [str(item.tag) for item in ranked]
 
 
 # A candidate search: (ids, similarities) of the n most similar library images.
-Search = Callable[[int], tuple[np.ndarray, np.ndarray]]
+Search = core_voting.Search
 
 
 def score_method(
@@ -490,7 +519,7 @@ def score_method(
 
 def score_popularity(library: ImageSet, queries: ImageSet, k: int) -> MethodScores:
     """The baseline: the library's most common tags (by post count), whatever the image."""
-    popular = [str(tag) for tag, _count in ranking.popularity_ranking(library.post_tags)]
+    popular = [str(tag) for tag, _count in counting.popularity_ranking(library.post_tags)]
     return score_method(lambda _vector, depth: popular[:depth], queries, k)
 
 
@@ -507,10 +536,11 @@ def _truths(queries: ImageSet) -> list[frozenset[str]]:
 
 #: The research anchor: exact k-NN voting, each of the k nearest posts one equal vote (TagVote
 #: without its prior). k = 10 was chosen by the tuning protocol (``--tune``, docs/quality.md).
-KNN = ranking.VoteParams(
+KNN = core_voting.VoteParams(
     neighbours=10, temperature=None, vote_by="post", prior_weight=0.0, probes=None
 )
-METHODS = ("popularity", "cluster", "knn", "vote", "ivf")
+#: The methods suggest() serves (``ivf``, ``cluster``) and the offline baselines around them.
+METHODS = ("popularity", "knn", "vote", *SERVING_METHODS)
 METHOD_HELP = {
     "popularity": "the library's most common tags, the same for every image",
     "cluster": "the patent: nearest cluster centre, its tags by post frequency",
@@ -522,9 +552,9 @@ METHOD_HELP = {
 
 def method_rankers(
     model: LibraryModel,
-    voting: ranking.VoteParams,
+    voting: core_voting.VoteParams,
     *,
-    knn: ranking.VoteParams = KNN,
+    knn: core_voting.VoteParams = KNN,
 ) -> dict[str, Callable[[np.ndarray, int], list[str]]]:
     """``rank(vector, depth)`` of every method on one library."""
     exact = voting.exact()
@@ -556,7 +586,7 @@ def evaluate_split(
     k: int,
     n_clusters: Sequence[int],
     cluster_params: dict[str, Any],
-    voting: ranking.VoteParams,
+    voting: core_voting.VoteParams,
 ) -> SplitResult:
     """Score every method on one library/queries split; ``n_clusters[1:]`` is the K sweep."""
     started = time.perf_counter()
@@ -637,7 +667,7 @@ def summarise(per_fold: Sequence[MethodScores]) -> dict[str, Any]:
 # grid on a tie). Probes: the fewest whose mean P@5 is within PROBE_TOLERANCE of exact voting.
 KNN_GRID = [5, 10, 15, 20, 30, 50]
 VOTE_GRID = [
-    ranking.VoteParams(neighbours=n, temperature=t, vote_by=by, prior_weight=w, probes=None)
+    core_voting.VoteParams(neighbours=n, temperature=t, vote_by=by, prior_weight=w, probes=None)
     for n in (10, 20, 30, 50)
     for t in (None, 0.1, 0.05, 0.02)
     for by in ("post", "owner")
@@ -678,7 +708,7 @@ def _cached_search(search: Search, cap: int) -> Search:
 def _score_votes(
     model: LibraryModel,
     test: ImageSet,
-    params: ranking.VoteParams,
+    params: core_voting.VoteParams,
     k: int,
     searches: Sequence[Search] | None = None,
 ) -> MethodScores:
@@ -775,8 +805,8 @@ def run_tuning(
         chosen = tune_parameters(
             library, k=k, n_clusters=n_clusters, cluster_params=cluster_params, seed=seed
         )
-        vote = ranking.VoteParams(
-            **{key: chosen["vote"][key] for key in ranking.VoteParams.__dataclass_fields__}
+        vote = core_voting.VoteParams(
+            **{key: chosen["vote"][key] for key in core_voting.VoteParams.__dataclass_fields__}
         )
         model = LibraryModel.build(
             library,
@@ -840,7 +870,7 @@ def run_evaluation(
     seed: int = 0,
     k_sweep: Sequence[int | str] = (),
     tune: bool = False,
-    voting: ranking.VoteParams | None = None,
+    voting: core_voting.VoteParams | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
@@ -887,7 +917,7 @@ def run_evaluation(
             f"Unknown algorithm {algorithm!r}: choose {' or '.join(ranking.ALGORITHMS)}."
         )
     try:
-        voting = voting or ranking.VoteParams.from_setting(imagetags_settings.VOTING)
+        voting = voting or core_voting.VoteParams.from_setting(imagetags_settings.VOTING)
     except ValueError as exc:
         raise EvaluationError(f"IMAGETAGS['VOTING'] is not usable: {exc}") from None
     batch_size = batch_size or imagetags_settings.BATCH_SIZE
@@ -992,7 +1022,8 @@ def run_evaluation(
         methods = {name: scores.as_dict() for name, scores in results[0].methods.items()}
     else:
         methods = {
-            name: summarise([result.methods[name] for result in results]) for name in METHODS
+            name: summarise([result.methods[name] for result in results])
+            for name in results[0].methods
         }
     report: dict[str, Any] = {
         "k": k,

@@ -5,14 +5,15 @@ active set and then with the member vectors of its ``PROBES`` nearest clusters o
 vectors are read from the database (``ClusterMembership`` + ``StockImage.vector``) the first
 time a query needs their cluster — all the clusters a query misses in one query — and kept per
 process, one cluster ("block") at a time, so a process holds only the clusters queries have
-touched (a small set, up to ``VotingIndex.preload_below_bytes``, is read whole at once). A block holds NumPy arrays only: the vectors, and the image, post and owner of each
-member (about 20 bytes per member besides the vector).
+touched (a small set, up to ``VotingIndex.preload_below_bytes``, is read whole at once). It holds
+NumPy arrays only: the vectors, and the image, post and owner of each member (about 20 bytes per
+member besides the vector).
 
-Memory: blocks are float32 (exact) while the whole set's vectors fit in
-``VotingIndex.compact_above_bytes`` (256 MB: 131,000 × 512-d); above that they are kept as
-bfloat16, half the bytes (1 GB instead of 2 GB at 1,000,000 × 512-d), widened a few hundred rows
-at a time during the scan. Similarities move by at most ~3e-4; docs/performance.md §2 measures
-what that does to the neighbours and the suggested tags.
+The vectors and the search itself are ``search.exact.ExactSearch`` (the search the offline
+evaluation runs too), which decides float32 or bfloat16 (``ExactSearch.compact_above_bytes``:
+1 GB instead of 2 GB at 1,000,000 × 512-d) and reads a cluster through this module the first
+time a query probes it. What stays here is the database side: reading members, freshness, which
+candidates still exist and whose they are, and the voters' counted tags.
 
 Freshness: every query first reads the set's assignment counter (``ClusterSet.n_images``, which
 ``assign_to_active_set`` raises in the transaction that adds the members; one row by its key);
@@ -21,23 +22,25 @@ are not handed out in commit order on PostgreSQL, so keys somewhat below the new
 looked at again (``_RECHECK_KEYS``): a batch that commits after a later one still joins. Images
 that ``assign_to_active_set`` put into the active set between rebuilds therefore vote at once,
 as they count at once in the ``cluster`` method. Tags are never cached: each suggestion reads
-which candidates still exist (a deleted image does not vote) and the counted tags of the
-voters' posts. A rebuild activates a new set,
+which candidates still exist (a deleted image does not vote) and the counted tags of the voters'
+posts. A rebuild activates a new set,
 and the next query builds a new index for it.
 """
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from django.core.signals import setting_changed
 from django.db import connections, router
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 
-from imagetags.conf import imagetags_settings
+from imagetags.core import counting, voting
 from imagetags.models import (
     ClusterMembership,
     ClusterSet,
@@ -46,18 +49,18 @@ from imagetags.models import (
     StockImage,
     Tag,
 )
-from imagetags.services import ranking, vectors
-from imagetags.services.clustering import load_centers
+from imagetags.search.exact import ExactSearch
+from imagetags.services import vectors
 
 # Columns read for each member: enough to vote without touching the post again.
 _MEMBER_FIELDS = (
     "cluster_id",
     "image_id",
+    "image__vector",
+    "pk",
     "image__post_id",
     "image__post__owner_id",
     "image__post__external_owner",
-    "image__vector",
-    "pk",
 )
 # New memberships also bring what decides whether their vector is usable.
 _NEW_MEMBER_FIELDS = (*_MEMBER_FIELDS, "image__extractor_key", "image__feature_status")
@@ -82,32 +85,6 @@ def owner_key(owner_id: int | None, external_owner: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Block:
-    """One cluster's members: vectors, and for each the image, its post and the post's owner."""
-
-    vectors: np.ndarray  # (n, d) float32, or bfloat16 bits (ranking.to_bfloat16) when compact
-    image_ids: np.ndarray  # (n,) int64
-    post_ids: np.ndarray  # (n,) int64
-    owners: np.ndarray  # (n,) int32: position in VotingIndex.owner_keys, -1 when unknown
-
-    def __add__(self, other: _Block) -> _Block:
-        return _Block(
-            *(
-                np.concatenate([mine, theirs])
-                for mine, theirs in zip(self.columns, other.columns, strict=True)
-            )
-        )
-
-    @property
-    def columns(self) -> tuple[np.ndarray, ...]:
-        return (self.vectors, self.image_ids, self.post_ids, self.owners)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(column.nbytes for column in self.columns)
-
-
-@dataclass(frozen=True)
 class Neighbours:
     """The images that vote for one query, most similar first, with their posts' counted tags."""
 
@@ -123,27 +100,25 @@ class Neighbours:
 class VotingIndex:
     """The active set's centres and, loaded on first use, its clusters' member vectors."""
 
-    #: Blocks are float32 up to this many bytes of vectors for the whole set, bfloat16 above.
-    compact_above_bytes: int = 256 * 2**20
     #: A set whose vectors take at most this many bytes (32,768 × 512-d) is read whole by the
     #: first query, in one go (~0.1 s at 10,000 images), rather than a cluster at a time by each
     #: query that probes a new one: a small site never pays a load inside a later suggestion.
     preload_below_bytes: int = 64 * 2**20
 
-    def __init__(self, cluster_set: ClusterSet) -> None:
+    def __init__(
+        self, cluster_set: ClusterSet, centers: np.ndarray, cluster_ids: Sequence[int]
+    ) -> None:
+        """The index of ``cluster_set``, whose centres (and their Cluster ids) the serving cache
+        has read."""
         self.cluster_set_id = cluster_set.pk
-        self.version = _version(cluster_set)
         self.extractor_key = cluster_set.extractor_key
         self.dim = cluster_set.dim
-        set_bytes = cluster_set.n_images * cluster_set.dim * 4
-        self.compact = set_bytes > self.compact_above_bytes
-        self.preload = set_bytes <= self.preload_below_bytes
-        self.centers, self.cluster_ids, _indexes = load_centers(cluster_set)
+        self.preload = cluster_set.n_images * cluster_set.dim * 4 <= self.preload_below_bytes
+        self.centers = centers
+        self.cluster_ids = list(cluster_ids)
         self._position = {cluster_id: n for n, cluster_id in enumerate(self.cluster_ids)}
-        self._blocks: dict[int, _Block] = {}
-        # Owners are few (people, import sources): blocks store a small code per member.
-        self.owner_keys: list[str] = []
-        self._owner_codes: dict[str, int] = {}
+        self.search = ExactSearch(centers, size=cluster_set.n_images, loader=self._read_clusters)
+        self.members = _Members()
         self._lock = threading.RLock()
         self._priors: dict[str, dict[str, float]] = {}
         # Library-wide shares move slowly: they are recomputed once the set has grown by 1 %.
@@ -169,10 +144,15 @@ class VotingIndex:
         # Read before the newest key: a batch committed in between is looked at again by the
         # next refresh() (and recognised), never missed.
         self._assigned = self._assigned_count()
-        # Members up to this key are read by every block load; later ones come by refresh().
+        # Members up to this key are read by every cluster load; later ones come by refresh().
         self.watermark = self._newest_member()
-        # Keys above watermark - _RECHECK_KEYS already in a loaded block.
+        # Keys above watermark - _RECHECK_KEYS already in a loaded cluster.
         self._recent: set[int] = set()
+
+    @property
+    def compact(self) -> bool:
+        """Whether the vectors are held as bfloat16 (``ExactSearch``'s rule)."""
+        return self.search.compact
 
     # --- members -----------------------------------------------------------------------------
 
@@ -190,65 +170,51 @@ class VotingIndex:
 
     def _usable(self, row: tuple) -> bool:
         # A vector recomputed since the rebuild (another extractor) no longer fits the centres.
-        # Rows laid out as _NEW_MEMBER_FIELDS: vector, key, extractor, status.
-        return row[5] is not None and row[7] == self.extractor_key and row[8] == FeatureStatus.READY
+        # Rows laid out as _NEW_MEMBER_FIELDS: vector, ..., extractor, status.
+        return row[2] is not None and row[7] == self.extractor_key and row[8] == FeatureStatus.READY
 
-    def _owner_code(self, owner_id: int | None, external_owner: str | None) -> int:
-        key = owner_key(owner_id, external_owner)
-        if key is None:
-            return -1
-        code = self._owner_codes.get(key)
-        if code is None:
-            code = self._owner_codes[key] = len(self.owner_keys)
-            self.owner_keys.append(key)
-        return code
-
-    def _make_block(self, rows: Sequence[tuple]) -> _Block:
-        """A block from member rows laid out as ``_MEMBER_FIELDS``: column by column, the
-        vectors decoded in one NumPy step (``vectors.stack``), not row by row."""
+    def _columns(self, rows: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """Image ids and vectors of member rows laid out as ``_MEMBER_FIELDS`` (the vectors
+        decoded in one NumPy step, ``vectors.stack``, not row by row); their posts and owners
+        go into ``self.members``."""
         n = len(rows)
-        matrix = vectors.stack([row[5] for row in rows], self.dim, count=n)
-        return _Block(
-            vectors=ranking.to_bfloat16(matrix) if self.compact else matrix,
-            image_ids=np.fromiter((row[1] for row in rows), dtype=np.int64, count=n),
-            post_ids=np.fromiter((row[2] for row in rows), dtype=np.int64, count=n),
-            owners=np.fromiter(
-                (self._owner_code(row[3], row[4]) for row in rows), dtype=np.int32, count=n
-            ),
+        matrix = vectors.stack([row[2] for row in rows], self.dim, count=n)
+        ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=n)
+        self.members.add(
+            ids,
+            np.fromiter((row[4] for row in rows), dtype=np.int64, count=n),
+            [owner_key(row[5], row[6]) for row in rows],
         )
+        return ids, matrix
 
-    def _blocks_at(self, positions: Iterable[int]) -> list[_Block]:
-        """The blocks of some clusters (positions in ``cluster_ids``), reading the ones not yet
-        loaded: one query when a query misses a few, streamed in groups when many are loaded
-        at once (a warm-up of a million images must not hold every row as Python objects)."""
-        positions = list(positions)
+    def _read_clusters(
+        self, positions: Sequence[int]
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """The search's loader: the members of some clusters (positions in ``cluster_ids``),
+        one query for the few a query misses, streamed in groups when many are loaded at once
+        (a warm-up of a million images must not hold every row as Python objects)."""
         with self._lock:
-            wanted = range(len(self.cluster_ids)) if self.preload else positions
-            missing = [p for p in wanted if p not in self._blocks]
-            for start in range(0, len(missing), _CLUSTERS_PER_READ):
-                self._load(missing[start : start + _CLUSTERS_PER_READ])
-            return [self._blocks[p] for p in positions]
-
-    def _load(self, positions: list[int]) -> None:
-        rows: dict[int, list[tuple]] = {self.cluster_ids[p]: [] for p in positions}
-        # Unusable vectors are left out by the database, not in a Python loop.
-        for row in (
-            ClusterMembership.objects.filter(
-                cluster_id__in=list(rows),
-                pk__lte=self.watermark,
-                image__vector__isnull=False,
-                image__extractor_key=self.extractor_key,
-                image__feature_status=FeatureStatus.READY,
-            )
-            .values_list(*_MEMBER_FIELDS)
-            .iterator(chunk_size=2000)
-        ):
-            rows[row[0]].append(row)
-        floor = self.watermark - _RECHECK_KEYS
-        for position in positions:
-            members = rows.pop(self.cluster_ids[position])
-            self._recent.update(row[6] for row in members if row[6] > floor)
-            self._blocks[position] = self._make_block(members)
+            for start in range(0, len(positions), _CLUSTERS_PER_READ):
+                group = positions[start : start + _CLUSTERS_PER_READ]
+                rows: dict[int, list[tuple]] = {self.cluster_ids[p]: [] for p in group}
+                # Unusable vectors are left out by the database, not in a Python loop.
+                for row in (
+                    ClusterMembership.objects.filter(
+                        cluster_id__in=list(rows),
+                        pk__lte=self.watermark,
+                        image__vector__isnull=False,
+                        image__extractor_key=self.extractor_key,
+                        image__feature_status=FeatureStatus.READY,
+                    )
+                    .values_list(*_MEMBER_FIELDS)
+                    .iterator(chunk_size=2000)
+                ):
+                    rows[row[0]].append(row)
+                floor = self.watermark - _RECHECK_KEYS
+                for position in group:
+                    members = rows.pop(self.cluster_ids[position])
+                    self._recent.update(row[3] for row in members if row[3] > floor)
+                    yield (position, *self._columns(members))
 
     def refresh(self) -> int:
         """Add the members assigned since the last look to the loaded clusters; returns how many
@@ -269,20 +235,22 @@ class VotingIndex:
                 pk
                 for pk, cluster_id in keys
                 if pk not in self._recent
-                and (pk > self.watermark or self._position.get(cluster_id) in self._blocks)
+                and (pk > self.watermark or self._loaded(self._position.get(cluster_id)))
             ]
             rows = list(
                 ClusterMembership.objects.filter(pk__in=new)
                 .order_by("pk")
                 .values_list(*_NEW_MEMBER_FIELDS)
             )
-            by_block: dict[int, list[tuple]] = {}
-            for row in rows:
-                position = self._position.get(row[0])
-                if position in self._blocks and self._usable(row):
-                    by_block.setdefault(position, []).append(row)
-            for position, members in by_block.items():
-                self._blocks[position] = self._blocks[position] + self._make_block(members)
+            joining = [
+                row
+                for row in rows
+                if self._loaded(self._position.get(row[0])) and self._usable(row)
+            ]
+            if joining:
+                ids, matrix = self._columns(joining)
+                lists = np.fromiter((self._position[row[0]] for row in joining), np.int64)
+                self.search.add(ids, matrix, lists)
             self._assigned = assigned
             self.watermark = max([self.watermark, *(pk for pk, _cluster in keys)])
             floor = self.watermark - _RECHECK_KEYS
@@ -293,63 +261,92 @@ class VotingIndex:
                 self._priors.clear()  # new posts have moved the library-wide shares
             return len(rows)
 
+    def _loaded(self, position: int | None) -> bool:
+        return position is not None and self.search.is_loaded(position)
+
     # --- queries -----------------------------------------------------------------------------
 
-    def neighbours(self, query: np.ndarray, params: ranking.VoteParams) -> Neighbours:
-        """The images of the ``params.neighbours`` nearest voters among the members of the
-        ``params.probes`` nearest clusters (all clusters when ``probes`` is None), and the
-        counted tags of their posts."""
-        probes = self.centers.shape[0] if params.probes is None else params.probes
-        blocks = self._blocks_at(int(p) for p in ranking.nearest_lists(query, self.centers, probes))
-        image_ids = _concatenate([b.image_ids for b in blocks], np.int64)
-        post_ids = _concatenate([b.post_ids for b in blocks], np.int64)
-        owners = _concatenate([b.owners for b in blocks], np.int32)
-        # One scan per query, even when nearest_voters asks for more candidates a second time.
-        sims = _concatenate(
-            [ranking.block_similarities(b.vectors, query) for b in blocks], np.float32
-        )
-        alive: dict[int, bool] = {}  # False: deleted since it was loaded
-        positions: dict[int, int] = {}
+    def vote(
+        self,
+        query: np.ndarray,
+        params: voting.VoteParams,
+        *,
+        limit: int | None = None,
+        threshold: float | None = None,
+        exclude: Collection[str] = (),
+    ) -> tuple[list[voting.VotedTag], Neighbours]:
+        """Neighbour voting (``core.voting.vote``, as the evaluation runs it) among the members
+        of the ``params.probes`` nearest clusters (all when ``probes`` is None): the ranked tags
+        and the images that voted, with the counted tags of their posts read now."""
+        if self.preload:
+            self.search.load(range(len(self.cluster_ids)))
+        probed = self.search.probe(query, params.probes)
+        self.search.load(probed.tolist())  # before counting the candidates they hold
+        searched = sum(self.search.list_size(int(p)) for p in probed)
+        # image -> (post, owner) of the candidates that still exist (one loaded into the index
+        # may have been deleted since: it does not vote).
+        found: dict[int, tuple[int, str | None]] = {}
+        checked: set[int] = set()
 
-        def search(n: int) -> tuple[np.ndarray, np.ndarray]:
-            if n <= 0 or sims.shape[0] == 0:
-                return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-            top = ranking.top_order(sims, n, image_ids)
-            ids = image_ids[top]
-            unknown = [int(i) for i in ids if int(i) not in alive]
+        def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
+            ids, sims = self.search.search_lists(query, n, probed)
+            listed = ids.tolist()
+            unknown = [pk for pk in listed if pk not in checked]
             existing = _existing_images(unknown)
-            alive.update((pk, pk in existing) for pk in unknown)
-            keep = top[np.fromiter((alive[int(i)] for i in ids), bool, ids.shape[0])]
-            positions.update(zip(image_ids[keep].tolist(), keep.tolist(), strict=True))
-            return image_ids[keep], sims[keep]
+            checked.update(unknown)
+            alive = [pk for pk in unknown if pk in existing]
+            found.update(zip(alive, self.members.lookup(alive), strict=True))
+            keep = np.fromiter((pk in found for pk in listed), bool, len(listed))
+            return ids[keep], sims[keep]
 
         def voter(image_id: int) -> Hashable:
-            position = positions[image_id]
-            code = int(owners[position])
-            owner = self.owner_keys[code] if code >= 0 else None
-            return ranking.voter_of(int(post_ids[position]), owner, params.vote_by)
+            post, owner = found[image_id]
+            return voting.voter_of(post, owner, params.vote_by)
 
-        ids, similarities, voters = ranking.nearest_voters(
-            search, voter, params.neighbours, image_ids.shape[0]
+        def post_of(image_id: int) -> int:
+            return found[image_id][0]
+
+        def tags_of(ids: np.ndarray) -> list[frozenset[str]]:
+            # Tags of the voters' posts only, read now: the candidates are four times as many,
+            # and a library's posts carry 15-20 tags each (feedme-dev): reading theirs cost ~1 ms.
+            posts = [post_of(int(i)) for i in ids]
+            tags = _post_tags(posts)
+            return [tags.get(post, frozenset()) for post in posts]
+
+        ranked, voters = voting.vote(
+            candidates,
+            voter,
+            tags_of,
+            params,
+            available=searched,
+            prior=self.priors(params.vote_by) if params.prior_weight else None,
+            limit=limit,
+            threshold=threshold,
+            exclude=exclude,
         )
-        posts = [int(post_ids[positions[int(i)]]) for i in ids]
-        # Tags of the voters' posts only, read now: the candidates are four times as many, and
-        # a library's posts carry 15-20 tags each (feedme-dev), so reading theirs cost ~1 ms.
-        tags = _post_tags(posts)
-        return Neighbours(
-            image_ids=ids,
-            post_ids=posts,
-            similarities=similarities,
-            voters=voters,
-            tag_sets=[tags.get(post, frozenset()) for post in posts],
-            probes=len(blocks),
-            searched=image_ids.shape[0],
+        neighbours = Neighbours(
+            image_ids=voters.ids,
+            post_ids=[post_of(int(i)) for i in voters.ids],
+            similarities=voters.similarities,
+            voters=voters.voters,
+            tag_sets=voters.tag_sets,  # type: ignore[arg-type]  # tag names
+            probes=int(probed.shape[0]),
+            searched=searched,
         )
+        return ranked, neighbours
+
+    def neighbours(self, query: np.ndarray, params: voting.VoteParams) -> Neighbours:
+        """The images of the ``params.neighbours`` nearest voters (see :meth:`vote`)."""
+        return self.vote(query, params)[1]
 
     def load_all(self, vote_by: str) -> None:
-        """Load every cluster and the library-wide tag shares now (a warm-up), so that no
-        request pays for them: at 1,000,000 images they cost seconds (docs/performance.md)."""
-        self._blocks_at(range(len(self.cluster_ids)))
+        """Load every cluster, the library-wide tag shares and the per-suggestion SQL now (a
+        warm-up), so that no request pays for them: at 1,000,000 images they cost seconds
+        (docs/performance.md)."""
+        self.search.load(range(len(self.cluster_ids)))
+        self.members.merge()
+        _EXISTING_IMAGES.prepare()
+        _POST_TAGS.prepare()
         self.priors(vote_by)
 
     def priors(self, vote_by: str) -> dict[str, float]:
@@ -359,7 +356,6 @@ class VotingIndex:
             cached = self._priors.get(vote_by)
             if cached is not None:
                 return cached
-            counted = imagetags_settings.COUNTED_TAG_SOURCES
             posts = ClusterMembership.objects.filter(cluster_set_id=self.cluster_set_id).values(
                 "image__post_id"
             )
@@ -370,7 +366,8 @@ class VotingIndex:
                 # suggestion of a large set affordable; names come for the tags found.
                 n_posts = posts.order_by().distinct().count()
                 counts = dict(
-                    PostTag.objects.filter(source__in=counted, post_id__in=posts)
+                    PostTag.objects.counted()
+                    .filter(post_id__in=posts)
                     .order_by()
                     .values_list("tag_id")
                     .annotate(n=Count("pk"))
@@ -387,13 +384,15 @@ class VotingIndex:
                     )
                 }
                 post_tags: dict[int, set[str]] = {pk: set() for pk in owners}
-                for post_id, name in PostTag.objects.filter(
-                    source__in=counted, post_id__in=posts
-                ).values_list("post_id", "tag__name"):
+                for post_id, name in (
+                    PostTag.objects.counted()
+                    .filter(post_id__in=posts)
+                    .values_list("post_id", "tag__name")
+                ):
                     post_tags[post_id].add(name)
-                shares = ranking.prior_shares(
+                shares = counting.prior_shares(
                     post_tags,
-                    {pk: ranking.voter_of(pk, owner, vote_by) for pk, owner in owners.items()},
+                    {pk: voting.voter_of(pk, owner, vote_by) for pk, owner in owners.items()},
                 )
             self._priors[vote_by] = shares
             self._priors_added = self._added
@@ -401,92 +400,158 @@ class VotingIndex:
 
     @property
     def loaded_clusters(self) -> int:
-        return len(self._blocks)
+        return len(self.search.loaded_lists)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the loaded blocks (vectors, ids, owners)."""
-        return sum(block.nbytes for block in self._blocks.values())
+        """Bytes held by the loaded clusters (vectors, ids, posts, owners)."""
+        return self.search.nbytes + self.members.nbytes
 
 
-def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.empty(0, dtype=dtype)
+class _Members:
+    """The post and owner of every loaded member, by image id: sorted NumPy columns (about 20
+    bytes a member, not a Python object each), merged when members were added since the last
+    lookup. Owners are few (people, import sources): a small code per member."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = np.empty(0, dtype=np.int64)
+        self._posts = np.empty(0, dtype=np.int64)
+        self._owners = np.empty(0, dtype=np.int32)  # position in owner_keys, -1 when unknown
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.owner_keys: list[str] = []
+        self._owner_codes: dict[str, int] = {}
+
+    def add(self, ids: np.ndarray, posts: np.ndarray, owners: Sequence[str | None]) -> None:
+        with self._lock:
+            codes = np.fromiter((self._code(o) for o in owners), np.int32, len(owners))
+            self._pending.append((ids, posts, codes))
+
+    def _code(self, owner: str | None) -> int:
+        if owner is None:
+            return -1
+        code = self._owner_codes.get(owner)
+        if code is None:
+            code = self._owner_codes[owner] = len(self.owner_keys)
+            self.owner_keys.append(owner)
+        return code
+
+    def merge(self) -> None:
+        """Sort the members added since the last lookup into the columns."""
+        with self._lock:
+            if self._pending:
+                ids, posts, owners = (
+                    np.concatenate([mine, *(chunk[n] for chunk in self._pending)])
+                    for n, mine in enumerate((self._ids, self._posts, self._owners))
+                )
+                order = np.argsort(ids, kind="stable")
+                self._ids, self._posts, self._owners = ids[order], posts[order], owners[order]
+                self._pending = []
+
+    def lookup(self, image_ids: Sequence[int]) -> list[tuple[int, str | None]]:
+        """(post, owner) of loaded members."""
+        self.merge()
+        with self._lock:
+            at = np.searchsorted(self._ids, np.asarray(image_ids, dtype=np.int64))
+            posts, codes = self._posts[at].tolist(), self._owners[at].tolist()
+        return [
+            (post, self.owner_keys[code] if code >= 0 else None)
+            for post, code in zip(posts, codes, strict=True)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self._ids.nbytes + self._posts.nbytes + self._owners.nbytes
 
 
-# Both run on every suggestion, as plain SQL: building them with the ORM cost more (~0.4-1 ms)
-# than the database took to answer.
+# --- the reads every suggestion makes -----------------------------------------------------------
+
+
+class _CompiledIn:
+    """A queryset over ``IN (ids)``, compiled by the ORM once per database, then run as plain
+    SQL with the ids' placeholders spliced in: building and compiling it on every suggestion
+    cost more (~0.4-1 ms) than the database took to answer, and compiling it once per number
+    of ids would still compile inside most of a process's first suggestions."""
+
+    def __init__(self, build: Callable[[list[int]], QuerySet], model: type) -> None:
+        self._build = build
+        self._model = model
+        # alias -> (SQL before the ids' placeholder, after it, parameters before, after)
+        self._compiled: dict[str, tuple[str, str, list[Any], list[Any]]] = {}
+        self._sql: dict[tuple[str, int], str] = {}  # (alias, number of ids) -> SQL
+
+    def clear(self) -> None:
+        self._compiled.clear()
+        self._sql.clear()
+
+    def _split(self, alias: str) -> tuple[str, str, list[Any], list[Any]]:
+        compiled = self._compiled.get(alias)
+        if compiled is None:
+            # Compiled with one id no row has; its parameter is the n-th placeholder of the SQL
+            # (the ORM writes one ``%s`` per parameter, in order, and a literal % as ``%%``).
+            sql, params = self._build([-1]).query.get_compiler(using=alias).as_sql()
+            params = list(params)
+            at = next(i for i, value in enumerate(params) if type(value) is int and value == -1)
+            slots = [m for m in _PLACEHOLDER.finditer(sql) if m.group() == "%s"]
+            if len(slots) != len(params):
+                raise ValueError(f"Cannot tell the parameters of {sql!r} apart.")
+            slot = slots[at]
+            compiled = (sql[: slot.start()], sql[slot.end() :], params[:at], params[at + 1 :])
+            self._compiled[alias] = compiled
+        return compiled
+
+    def prepare(self) -> None:
+        """Compile now (a warm-up), not in the first suggestion."""
+        self._split(router.db_for_read(self._model))
+
+    def rows(self, ids: Sequence[int]) -> list[tuple]:
+        alias = router.db_for_read(self._model)
+        before, after, params_before, params_after = self._split(alias)
+        out: list[tuple] = []
+        for start in range(0, len(ids), _SQL_BATCH):
+            batch = list(ids[start : start + _SQL_BATCH])
+            sql = self._sql.get((alias, len(batch)))
+            if sql is None:
+                sql = self._sql[alias, len(batch)] = before + ", ".join(["%s"] * len(batch)) + after
+            with connections[alias].cursor() as cursor:
+                cursor.execute(sql, [*params_before, *batch, *params_after])
+                out.extend(cursor.fetchall())
+        return out
+
+
+_PLACEHOLDER = re.compile("%%|%s")
+_EXISTING_IMAGES = _CompiledIn(
+    lambda ids: StockImage.objects.filter(pk__in=ids).order_by().values_list("pk"),
+    StockImage,
+)
+_POST_TAGS = _CompiledIn(
+    lambda ids: (
+        PostTag.objects.counted()
+        .filter(post_id__in=ids)
+        .order_by()
+        .values_list("post_id", "tag__name")
+    ),
+    PostTag,
+)
+
+
+def _forget_compiled(**_kwargs: Any) -> None:
+    # COUNTED_TAG_SOURCES (inside counted()) or the databases may have changed (tests).
+    _EXISTING_IMAGES.clear()
+    _POST_TAGS.clear()
+
+
+setting_changed.connect(_forget_compiled)
 
 
 def _existing_images(image_ids: list[int]) -> set[int]:
     """Which of these images still exist (one loaded into the index may have been deleted)."""
-    found: set[int] = set()
-    connection = connections[router.db_for_read(StockImage)]
-    meta = StockImage._meta
-    quote = connection.ops.quote_name
-    for start in range(0, len(image_ids), _SQL_BATCH):
-        batch = image_ids[start : start + _SQL_BATCH]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {quote(meta.pk.column)} FROM {quote(meta.db_table)} "
-                f"WHERE {quote(meta.pk.column)} IN ({', '.join(['%s'] * len(batch))})",
-                batch,
-            )
-            found.update(pk for (pk,) in cursor.fetchall())
-    return found
+    return {pk for (pk,) in _EXISTING_IMAGES.rows(list(dict.fromkeys(image_ids)))}
 
 
-def _post_tags(post_ids: Sequence[int]) -> dict[int, frozenset[str]]:
-    """The counted tags (``COUNTED_TAG_SOURCES``) of some posts, read now."""
-    counted = list(imagetags_settings.COUNTED_TAG_SOURCES)
-    unique = list(dict.fromkeys(post_ids))
+def _post_tags(post_ids: Iterable[int]) -> dict[int, frozenset[str]]:
+    """The counted tags (``PostTag.objects.counted()``) of some posts, read now."""
     found: dict[int, set[str]] = {}
-    connection = connections[router.db_for_read(PostTag)]
-    quote = connection.ops.quote_name
-    post_tag, tag = PostTag._meta, Tag._meta
-
-    def column(meta: Any, name: str) -> str:
-        return f"{quote(meta.db_table)}.{quote(meta.get_field(name).column)}"
-
-    for start in range(0, len(unique), _SQL_BATCH):
-        batch = unique[start : start + _SQL_BATCH]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {column(post_tag, 'post')}, {column(tag, 'name')} "
-                f"FROM {quote(post_tag.db_table)} INNER JOIN {quote(tag.db_table)} "
-                f"ON {column(tag, 'id')} = {column(post_tag, 'tag')} "
-                f"WHERE {column(post_tag, 'source')} IN ({', '.join(['%s'] * len(counted))}) "
-                f"AND {column(post_tag, 'post')} IN ({', '.join(['%s'] * len(batch))})",
-                [*counted, *batch],
-            )
-            for post_id, name in cursor.fetchall():
-                found.setdefault(post_id, set()).add(name)
+    for post_id, name in _POST_TAGS.rows(list(dict.fromkeys(post_ids))):
+        found.setdefault(post_id, set()).add(name)
     return {post_id: frozenset(names) for post_id, names in found.items()}
-
-
-# One index per process, for the active set; replaced when another set becomes active.
-_index_lock = threading.Lock()
-_index: VotingIndex | None = None
-
-
-def voting_index(cluster_set: ClusterSet) -> VotingIndex:
-    """The index of ``cluster_set`` (built on first use), with new members added."""
-    global _index
-    with _index_lock:
-        if _index is None or _index.version != _version(cluster_set):
-            _index = VotingIndex(cluster_set)
-        index = _index
-    index.refresh()
-    return index
-
-
-def _version(cluster_set: ClusterSet) -> tuple:
-    # The primary key alone is not enough: a database rolled back (tests) or restored can give a
-    # new set an old set's key. The activation time tells them apart.
-    return (cluster_set.pk, cluster_set.activated, cluster_set.extractor_key)
-
-
-def reset_voting_index() -> None:
-    """Forget the in-process index (tests; a process that wants its memory back)."""
-    global _index
-    with _index_lock:
-        _index = None

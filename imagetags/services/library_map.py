@@ -30,7 +30,7 @@ from imagetags.models import (
     TagFrequency,
 )
 from imagetags.services import vectors
-from imagetags.services.clustering import load_centers
+from imagetags.services.serving import serving_cache
 
 MAX_POINTS = 20_000
 # Fixed palette (Tableau 20, strong shades first): a cluster keeps its colour across page loads
@@ -116,7 +116,7 @@ def cluster_labels(cluster_set: ClusterSet, top: int = 3) -> dict[int, ClusterLa
 
 def nearest_clusters(cluster: Cluster, n: int = 5) -> list[tuple[Cluster, float]]:
     """The ``n`` other clusters of the same set whose centres are most similar (cosine)."""
-    centers, cluster_ids, _indexes = load_centers(cluster.cluster_set)
+    centers, cluster_ids, _indexes = serving_cache().centers(cluster.cluster_set)
     position = cluster_ids.index(cluster.pk)
     similarities = centers @ centers[position]
     order = [int(i) for i in np.argsort(-similarities) if int(i) != position][:n]
@@ -373,7 +373,7 @@ def build_library_map(
     # Smaller dots as the map fills up, so dense regions do not turn into solid blots.
     radius = 4.0 if drawn <= 300 else 3.0 if drawn <= 3_000 else 2.0 if drawn <= 10_000 else 1.5
     labels = cluster_labels(cluster_set)
-    centers, center_ids, _indexes = load_centers(cluster_set)
+    centers, center_ids, _indexes = serving_cache().centers(cluster_set)
     clusters = []
     for cluster in Cluster.objects.filter(cluster_set=cluster_set).order_by("-size", "index"):
         rows = by_cluster.get(cluster.pk, [])

@@ -18,21 +18,21 @@ from typing import Any
 
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError
 from PIL import Image
 
 from imagetags.conf import imagetags_settings
+from imagetags.core import voting
 from imagetags.images import ImageSource
 from imagetags.models import (
     ClusterSet,
-    ClusterSetStatus,
     FeatureStatus,
     StockImage,
     TagFrequency,
     normalize_tag_name,
 )
-from imagetags.services import ranking, vectors
-from imagetags.services.clustering import load_centers
+from imagetags.services import vectors
+from imagetags.services.serving import METHODS, serving_cache
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,23 @@ class ExtractorMismatch(SuggestionUnavailable):
         )
 
 
-METHODS = ("ivf", "cluster")
+__all__ = [
+    "METHODS",
+    "ExtractorMismatch",
+    "MergedSuggestions",
+    "NoActiveClusters",
+    "SuggestedTag",
+    "SuggestionUnavailable",
+    "Suggestions",
+    "active_cluster_set",
+    "embed",
+    "merge_suggestions",
+    "suggest",
+    "suggest_many",
+    "suggest_method",
+    "vote_params",
+    "warm_up",
+]
 
 
 @dataclass(frozen=True)
@@ -119,33 +135,12 @@ def embed(
     return extractor.embed_batch([image])[0]
 
 
-# The active set as last read: (its key and activation time, the row).
-_serving: tuple[tuple, ClusterSet] | None = None
-
-
 def active_cluster_set() -> ClusterSet:
-    """The active cluster set: its key and activation time are looked up on every call (one
-    indexed query, plain SQL: it runs on every suggestion), the row itself is read again only
-    when another set has been activated since. What a suggestion reads of the row (key,
-    extractor, dimension, activation time) does not change while a set is active."""
-    global _serving
-    connection = connections[router.db_for_read(ClusterSet)]
-    meta = ClusterSet._meta
-    quote = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {quote(meta.pk.column)}, {quote(meta.get_field('activated').column)} "
-            f"FROM {quote(meta.db_table)} WHERE {quote(meta.get_field('status').column)} = %s",
-            [ClusterSetStatus.ACTIVE],
-        )
-        row = cursor.fetchone()
-    if row is None:
+    """The active cluster set (``ServingCache.active_set``: one indexed query per call, the row
+    read again only when another set has been activated)."""
+    cluster_set = serving_cache().active_set()
+    if cluster_set is None:
         raise NoActiveClusters()
-    serving = _serving
-    if serving is not None and serving[0] == tuple(row):
-        return serving[1]
-    cluster_set = ClusterSet.objects.get(pk=row[0])
-    _serving = (tuple(row), cluster_set)
     return cluster_set
 
 
@@ -158,15 +153,15 @@ def warm_up() -> None:
     only the model is loaded: the warm-up must never stop a process from starting.
     """
     from imagetags.services.extractors import warm_up as load_model
-    from imagetags.services.index import voting_index
 
     load_model()
     try:
         cluster_set = active_cluster_set()
-        load_centers(cluster_set)
+        cache = serving_cache()
+        cache.centers(cluster_set)
         if suggest_method() == "ivf":
             params = vote_params()
-            voting_index(cluster_set).load_all(params.vote_by)
+            cache.voting_index(cluster_set).load_all(params.vote_by)
     except NoActiveClusters:
         return
     except DatabaseError:
@@ -183,10 +178,10 @@ def suggest_method() -> str:
     return method
 
 
-def vote_params() -> ranking.VoteParams:
-    """``IMAGETAGS["VOTING"]`` as :class:`ranking.VoteParams`, checked."""
+def vote_params() -> voting.VoteParams:
+    """``IMAGETAGS["VOTING"]`` as :class:`core.voting.VoteParams`, checked."""
     try:
-        return ranking.VoteParams.from_setting(imagetags_settings.VOTING)
+        return voting.VoteParams.from_setting(imagetags_settings.VOTING)
     except (KeyError, TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"IMAGETAGS['VOTING'] is not usable: {exc}") from exc
 
@@ -219,28 +214,20 @@ def suggest(
     if cluster_set.extractor_key != extractor_key:
         raise ExtractorMismatch(cluster_set.extractor_key, extractor_key)
     vector = image if isinstance(image, np.ndarray) else embed(image, extractor_key)
-    centers, cluster_ids, indexes = load_centers(cluster_set)
+    centers, cluster_ids, indexes = serving_cache().centers(cluster_set)
     if vector.shape[0] != centers.shape[1]:
         raise ExtractorMismatch(cluster_set.extractor_key, f"a {vector.shape[0]}-d vector")
-    similarities = centers @ vector
-    best = int(similarities.argmax())
     options = {
         "limit": imagetags_settings.SUGGEST_LIMIT if limit is None else limit,
         "threshold": imagetags_settings.SUGGEST_THRESHOLD if threshold is None else threshold,
         "exclude": {normalize_tag_name(name) for name in exclude},
     }
     if method == "ivf":
+        best, similarity = voting.nearest_cluster(vector, centers)
         return _suggest_by_votes(
-            cluster_set,
-            vector,
-            cluster_ids[best],
-            indexes[best],
-            float(similarities[best]),
-            **options,
+            cluster_set, vector, cluster_ids[best], indexes[best], similarity, **options
         )
-    return _suggest_from_cluster(
-        cluster_set, cluster_ids[best], indexes[best], float(similarities[best]), **options
-    )
+    return _suggest_from_cluster(cluster_set, vector, centers, cluster_ids, indexes, **options)
 
 
 def _suggest_by_votes(
@@ -255,25 +242,10 @@ def _suggest_by_votes(
     exclude: Collection[str],
 ) -> Suggestions:
     """Neighbour voting over the inverted file of the active set (``services/index.py``)."""
-    from imagetags.services.index import voting_index
-
     params = vote_params()
-    index = voting_index(cluster_set)
-    found = index.neighbours(vector, params)  # with the neighbours' tags, read by this query
-    votes = ranking.neighbour_votes(
-        found.voters,
-        found.tag_sets,
-        found.similarities,
-        temperature=params.temperature,
-    )
-    ranked = ranking.rank_votes(
-        votes,
-        prior=index.priors(params.vote_by) if params.prior_weight else None,
-        prior_weight=params.prior_weight,
-        limit=limit,
-        threshold=threshold,
-        exclude=exclude,
-    )
+    index = serving_cache().voting_index(cluster_set)
+    # With the neighbours' tags, read by this query.
+    ranked, found = index.vote(vector, params, limit=limit, threshold=threshold, exclude=exclude)
     return Suggestions(
         tags=[
             SuggestedTag(
@@ -281,7 +253,7 @@ def _suggest_by_votes(
                 score=round(max(0.0, item.score), 4),
                 post_count=item.votes,
                 cluster_posts=item.voters,
-                evidence=ranking.voting_evidence(item.votes, item.voters, params.vote_by),
+                evidence=voting.voting_evidence(item.votes, item.voters, params.vote_by),
             )
             for item in ranked
         ],
@@ -300,22 +272,31 @@ def _suggest_by_votes(
 
 def _suggest_from_cluster(
     cluster_set: ClusterSet,
-    cluster_id: int,
-    cluster_index: int,
-    similarity: float,
+    vector: np.ndarray,
+    centers: np.ndarray,
+    cluster_ids: list[int],
+    indexes: list[int],
     *,
     limit: int | None,
     threshold: float | None,
     exclude: Collection[str],
 ) -> Suggestions:
-    rows = TagFrequency.objects.filter(cluster_id=cluster_id).values_list(
-        "tag__name", "post_count", "cluster__post_count"
+    """The patent's method (``core.voting.cluster_tags``), the counts read from TagFrequency."""
+
+    def counts_of(position: int) -> tuple[dict[str, int], int]:
+        rows = list(
+            TagFrequency.objects.filter(cluster_id=cluster_ids[position]).values_list(
+                "tag__name", "post_count", "cluster__post_count"
+            )
+        )
+        return {name: count for name, count, _posts in rows}, (rows[0][2] if rows else 0)
+
+    answer = voting.cluster_tags(
+        vector, centers, counts_of, limit=limit, threshold=threshold, exclude=exclude
     )
-    counts = {name: count for name, count, _posts in rows}
-    cluster_posts = rows[0][2] if rows else 0
-    ranked = ranking.rank_cluster_tags(
-        counts, cluster_posts, limit=limit, threshold=threshold, exclude=exclude
-    )
+    ranked = answer.tags
+    cluster_id, cluster_index = cluster_ids[answer.index], indexes[answer.index]
+    similarity = answer.similarity
     return Suggestions(
         tags=[
             SuggestedTag(
