@@ -144,3 +144,22 @@ def annotate_acceptance(tags: QuerySet[Tag]) -> QuerySet[Tag]:
             output_field=FloatField(),
         )
     )
+
+
+def feedback_report(*, top: int | None = None) -> dict[str, Any]:
+    """Acceptance of the suggestions people were shown (``SuggestionFeedback``): overall, per
+    channel, per method that made them, and per tag (most shown first; ``top`` limits the tags).
+
+    The counting is ``services.feedback.acceptance_stats``, the same figures the admin shows.
+    """
+    stats = acceptance_stats()
+    data = stats.as_dict()
+    if top is not None:
+        data["per_tag"] = dict(list(data["per_tag"].items())[:top])
+    methods = SuggestionFeedback.objects.order_by().values_list("method", flat=True).distinct()
+    data["per_method"] = {
+        (method or "(unrecorded)"): acceptance_stats(method=method).overall.as_dict()
+        for method in sorted(methods)
+    }
+    data["tags"] = len(stats.per_tag)
+    return data

@@ -13,9 +13,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from imagetags.services.evaluation import (
     METHOD_HELP,
     EvaluationError,
-    feedback_report,
     run_evaluation,
 )
+from imagetags.services.feedback import feedback_report
 from imagetags.services.library import ManifestError
 from imagetags.services.ranking import VoteParams, parse_k
 
