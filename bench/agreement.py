@@ -179,8 +179,8 @@ def _float16_through_suggest(
     from imagetags.models import StockImage
     from imagetags.services import suggest as suggest_module
     from imagetags.services import vectors
-    from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.features import compute_features
+    from imagetags.services.rebuild import rebuild_clusters
 
     known = set(StockImage.objects.values_list("sha256", flat=True))
     import_photos([photo for photo in library if photo.sha256 not in known])

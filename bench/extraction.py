@@ -196,8 +196,8 @@ def _pipeline_vs_raw(
     rounds: int,
 ) -> None:
     from imagetags.models import StockImage
-    from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.features import compute_features
+    from imagetags.services.rebuild import rebuild_clusters
 
     n = len(ids)
     # Untimed first pass: stores this backend's vectors (so a clustering of them can be active,

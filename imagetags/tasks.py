@@ -19,8 +19,8 @@ def rebuild_clusters(queued_as: str = "", **options: Any) -> dict[str, Any]:
     ``queued_as`` is the token of the one queued place the button took
     (``locks.reserve_queued_rebuild``): given back when the rebuild ends, however it ends.
     """
-    from imagetags.services.clustering import rebuild_clusters as rebuild
     from imagetags.services.locks import release_queued_rebuild
+    from imagetags.services.rebuild import rebuild_clusters as rebuild
 
     try:
         cluster_set = rebuild(**options)

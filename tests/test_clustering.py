@@ -25,13 +25,10 @@ from imagetags.models import (
     TagFrequency,
 )
 from imagetags.services import ranking
-from imagetags.services.clustering import (
-    ClusteringError,
-    assign_to_active_set,
-    current_extractor_key,
-    rebuild_clusters,
-)
+from imagetags.services.assign import assign_to_active_set
+from imagetags.services.errors import ClusteringError
 from imagetags.services.features import ready_images
+from imagetags.services.rebuild import current_extractor_key, rebuild_clusters
 
 
 def frequencies(cluster: Cluster) -> dict[str, int]:
