@@ -22,9 +22,9 @@ import pytest
 from django.core.files import File
 
 from imagetags.models import FeedbackChannel, Post, PostTag, StockImage, SuggestionFeedback, Tag
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.features import compute_features
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.signal_handlers import feature_tasks_suspended
 
 from .conftest import (

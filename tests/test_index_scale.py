@@ -8,8 +8,9 @@ import pytest
 
 from imagetags.models import ClusterMembership, ClusterSet, Post, StockImage
 from imagetags.services import ranking
-from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
+from imagetags.services.assign import assign_to_active_set
 from imagetags.services.index import VotingIndex, reset_voting_index, voting_index
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import suggest
 from imagetags.services.vectors import l2_normalize
 

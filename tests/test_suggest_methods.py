@@ -11,9 +11,10 @@ from django.core.exceptions import ImproperlyConfigured
 from imagetags.models import ClusterSet, Post, PostTag, StockImage, Tag
 from imagetags.services import ranking
 from imagetags.services import vectors as vec
-from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
+from imagetags.services.assign import assign_to_active_set
 from imagetags.services.evaluation import ClusterModel, ImageSet, LibraryModel
 from imagetags.services.index import VotingIndex, reset_voting_index, voting_index
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import suggest, suggest_many, suggest_method
 
 from .conftest import unit
