@@ -12,8 +12,8 @@
   ``VECTOR_DTYPE = "float16"`` stores them) against float32, same seed: share of queries whose
   top-5 is unchanged (goal: every one).
 
-The clustering and ranking are the serving code: ``ranking.fit_clusters``,
-``ranking.count_tag_frequencies``, ``ranking.nearest_centers``, ``ranking.rank_cluster_tags``.
+The clustering and ranking are the serving code: ``kmeans.fit_clusters``,
+``counting.count_tag_frequencies``, ``kmeans.nearest_centers``, ``voting.rank_cluster_tags``.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ class Model:
     """A clustering of library vectors with its per-cluster tag counts (once per post)."""
 
     def __init__(self, vectors: np.ndarray, photos: Sequence[Photo], seed: int = 0) -> None:
-        from imagetags.services import ranking
+        from imagetags.core import counting, kmeans
 
-        k = ranking.auto_k(len(vectors))
-        self.result = ranking.fit_clusters(vectors, k, algorithm="minibatch", seed=seed)
+        k = kmeans.auto_k(len(vectors))
+        self.result = kmeans.fit_clusters(vectors, k, algorithm="minibatch", seed=seed)
         posts = list(range(len(photos)))  # feedme-dev: every image is its own post
         tags = {i: photo.tags for i, photo in enumerate(photos)}
-        self.post_counts, self.frequencies = ranking.count_tag_frequencies(
+        self.post_counts, self.frequencies = counting.count_tag_frequencies(
             self.result.labels, posts, tags, self.result.k
         )
 
@@ -49,12 +49,12 @@ class Model:
         return clone
 
     def top(self, queries: np.ndarray, limit: int = K_TOP) -> list[tuple[str, ...]]:
-        from imagetags.services import ranking
+        from imagetags.core import kmeans, voting
 
-        labels, _sims = ranking.nearest_centers(queries, self.result.centers)
+        labels, _sims = kmeans.nearest_centers(queries, self.result.centers)
         out = []
         for label in labels:
-            ranked = ranking.rank_cluster_tags(
+            ranked = voting.rank_cluster_tags(
                 self.frequencies[int(label)], self.post_counts[int(label)], limit=limit
             )
             out.append(tuple(str(item.tag) for item in ranked))
@@ -179,8 +179,8 @@ def _float16_through_suggest(
     from imagetags.models import StockImage
     from imagetags.services import suggest as suggest_module
     from imagetags.services import vectors
-    from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.features import compute_features
+    from imagetags.services.rebuild import rebuild_clusters
 
     known = set(StockImage.objects.values_list("sha256", flat=True))
     import_photos([photo for photo in library if photo.sha256 not in known])
@@ -252,9 +252,9 @@ def _float16_through_suggest(
 
 
 def _popularity(library: Sequence[Photo]) -> tuple[str, ...]:
-    from imagetags.services import ranking
+    from imagetags.core import counting
 
-    ranked = ranking.popularity_ranking({i: p.tags for i, p in enumerate(library)})
+    ranked = counting.popularity_ranking({i: p.tags for i, p in enumerate(library)})
     return tuple(str(tag) for tag, _count in ranked[:K_TOP])
 
 

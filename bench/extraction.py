@@ -196,7 +196,7 @@ def _pipeline_vs_raw(
     rounds: int,
 ) -> None:
     from imagetags.models import StockImage
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
     from imagetags.tasks import run_feature_pipeline
 
     n = len(ids)

@@ -51,7 +51,7 @@ def measure(k: int, n_tags: int, rounds: int) -> dict[str, float]:
     from imagetags import signal_handlers
     from imagetags.models import ClusterMembership, Post, PostTag, Tag
     from imagetags.services import frequencies, tagging
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     cluster_set = rebuild_clusters(k=k, algorithm="kmeans", seed=0)
     clustered = Post.objects.get(

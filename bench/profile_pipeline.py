@@ -53,8 +53,8 @@ def main() -> None:
     from django.db import transaction
 
     from imagetags.services import features
-    from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.extractors import warm_up
+    from imagetags.services.rebuild import rebuild_clusters
     from imagetags.services.suggest import suggest
     from imagetags.tasks import run_feature_pipeline
 

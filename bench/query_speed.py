@@ -8,7 +8,7 @@ for a library of MobileNetV2 (1280-d) or VGG16 (512-d) features, each image its 
 few tags of its topic. Both methods run the serving code: ``search.exact.ExactSearch`` (every
 vector, as one list, for ``knn``; the K centres, then the members of the ``PROBES`` nearest
 clusters for ``ivf``), then ``core.voting.vote`` (the neighbour vote and the ranking). K is what ``rebuild_clusters``
-picks for that size (``ranking.auto_k``); the centres are fitted with the same mini-batch k-means
+picks for that size (``kmeans.auto_k``); the centres are fitted with the same mini-batch k-means
 on a 20,000-vector sample and every vector is assigned to its nearest centre, as a rebuild does.
 
 BLAS runs on one thread for both (as one request in one web worker does), timings are the
@@ -35,9 +35,12 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagetags.conf import DEFAULTS  # noqa: E402
-from imagetags.core import counting, voting  # noqa: E402
+from imagetags.core import (  # noqa: E402
+    counting,
+    kmeans,  # noqa: E402
+    voting,
+)
 from imagetags.search.exact import ExactSearch  # noqa: E402
-from imagetags.services import ranking  # noqa: E402
 from imagetags.services.vectors import l2_normalize  # noqa: E402
 
 TARGET = 10.0
@@ -70,10 +73,10 @@ def run(n: int, dim: int, queries: int, seed: int) -> dict[str, float]:
     posts = list(range(n))
     voters = [voting.voter_of(post, None, params.vote_by) for post in posts]
     prior = counting.prior_shares(dict(zip(posts, tags, strict=True)))
-    k = ranking.auto_k(n)
+    k = kmeans.auto_k(n)
     sample = np.random.default_rng(seed).choice(n, size=min(n, 20_000), replace=False)
-    fitted = ranking.fit_clusters(matrix[sample], k, seed=seed)
-    labels, _sims = ranking.nearest_centers(matrix, fitted.centers)
+    fitted = kmeans.fit_clusters(matrix[sample], k, seed=seed)
+    labels, _sims = kmeans.nearest_centers(matrix, fitted.centers)
     lists = ExactSearch(fitted.centers, compact=False)
     lists.add(np.arange(n), matrix, labels)
     # The compact lists ExactSearch keeps for sets over 256 MB of float32: bfloat16.

@@ -123,7 +123,7 @@ def rebuild(workdir: Path, name: str, dim: int, k: int, memory_mb: float | None)
     from django.db.models import Avg
 
     from imagetags.models import ClusterMembership, ClusterSet
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     # Earlier runs' sets (and their memberships) go first, untimed: every run starts alike.
     ClusterSet.objects.all().delete()

@@ -21,10 +21,10 @@ from imagetags.services import features
 
 # issue 11: services/clustering.py is being split (store / rebuild / assign); the lead re-points
 # these two imports when the branches are merged.
-from imagetags.services.clustering import assign_to_active_set
-from imagetags.services.clustering import rebuild_clusters as rebuild
+from imagetags.services.assign import assign_to_active_set
 from imagetags.services.extractors import FeatureExtractor
 from imagetags.services.locks import release_queued_rebuild
+from imagetags.services.rebuild import rebuild_clusters as rebuild
 from imagetags.services.tagging import apply_auto_tags
 
 logger = logging.getLogger(__name__)

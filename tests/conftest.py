@@ -206,7 +206,7 @@ def add_post(db, make_upload):
     given axes (one image per axis entry), READY under `key` (default: the current extractor)."""
     from imagetags.models import FeatureStatus, Post, PostTag, StockImage, Tag
     from imagetags.services import vectors
-    from imagetags.services.clustering import current_extractor_key
+    from imagetags.services.rebuild import current_extractor_key
 
     key_default = current_extractor_key()
     counter = {"n": 0}
@@ -232,7 +232,7 @@ def add_post(db, make_upload):
 @pytest.fixture
 def soups_and_cakes(add_post):
     """Axis 0: 3 cake posts; axis 1: 4 soup posts; "food" on all 7; clustered with K = 2."""
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     for name in ("cake", "cake", "cupcake"):
         add_post(["food", name, "sweet"], [0])

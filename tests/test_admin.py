@@ -32,7 +32,6 @@ from imagetags.models import (
     TagFrequency,
     TagSource,
 )
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.feedback import Acceptance, acceptance_stats
 from imagetags.services.library_map import (
     MapCluster,
@@ -40,6 +39,7 @@ from imagetags.services.library_map import (
     build_library_map,
     cluster_labels,
 )
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.vocabulary import TagMergeError, merge_tags
 
 XSS = "<script>alert(1)</script>"

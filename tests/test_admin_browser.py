@@ -24,10 +24,10 @@ from django.test import Client
 from PIL import Image
 
 from imagetags.models import Cluster, ClusterSet, StockImage
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.library import import_manifest
 from imagetags.services.library_map import cluster_labels
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.tasks import run_feature_pipeline
 
 from .conftest import (

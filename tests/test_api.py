@@ -29,9 +29,9 @@ from imagetags.models import (
     Tag,
     TagFrequency,
 )
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.shown import sign_shown
 from imagetags.services.suggest import NoActiveClusters, SuggestedTag, suggest, suggest_many
 

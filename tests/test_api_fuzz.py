@@ -39,8 +39,8 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from imagetags.models import StockImage
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.features import compute_features
+from imagetags.services.rebuild import rebuild_clusters
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 

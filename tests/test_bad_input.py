@@ -34,11 +34,11 @@ from imagetags.models import (
     SuggestionFeedback,
     Tag,
 )
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
 from imagetags.services.library import ManifestError, import_manifest
 from imagetags.services.posts import ShownSuggestion, TooManyFiles, create_post
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.tagging import InvalidTagName
 from tests.conftest import image_bytes
 

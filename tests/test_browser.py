@@ -22,10 +22,10 @@ import pytest
 from django.core.files import File
 
 from imagetags.models import FeedbackChannel, Post, PostTag, StockImage, SuggestionFeedback, Tag
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import extractor_config_from_spec
 from imagetags.services.features import compute_features
 from imagetags.services.pipeline_state import feature_tasks_suspended
+from imagetags.services.rebuild import rebuild_clusters
 
 from .conftest import (
     BROWSER_TEST_MARKS,

@@ -12,7 +12,7 @@ from django.core.management.base import CommandError
 from django.db import transaction
 from django.test import override_settings
 
-from imagetags.core import counting, voting
+from imagetags.core import counting, kmeans, voting
 from imagetags.models import (
     Cluster,
     ClusterMembership,
@@ -25,14 +25,10 @@ from imagetags.models import (
     Tag,
     TagFrequency,
 )
-from imagetags.services import ranking
-from imagetags.services.clustering import (
-    ClusteringError,
-    assign_to_active_set,
-    current_extractor_key,
-    rebuild_clusters,
-)
+from imagetags.services.assign import assign_to_active_set
+from imagetags.services.errors import ClusteringError
 from imagetags.services.features import ready_images
+from imagetags.services.rebuild import current_extractor_key, rebuild_clusters
 
 
 def frequencies(cluster: Cluster) -> dict[str, int]:
@@ -138,7 +134,7 @@ def test_failed_rebuild_keeps_the_active_set(add_post, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ranking, "count_tag_frequencies", broken)
+    monkeypatch.setattr(counting, "count_tag_frequencies", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         rebuild_clusters(k=2)
 
@@ -164,9 +160,9 @@ def test_refuses_fewer_vectors_than_k(add_post):
 
 
 def test_auto_k_follows_library_size():
-    assert ranking.auto_k(10) == 2
-    assert ranking.auto_k(480) == 30
-    assert ranking.auto_k(10**6) == 150
+    assert kmeans.auto_k(10) == 2
+    assert kmeans.auto_k(480) == 30
+    assert kmeans.auto_k(10**6) == 150
 
 
 def test_warm_start_begins_from_the_active_centres(add_post):

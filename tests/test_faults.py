@@ -19,6 +19,7 @@ from django.core.management.base import CommandError
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
+from imagetags.core import kmeans
 from imagetags.models import (
     Cluster,
     ClusterMembership,
@@ -30,8 +31,7 @@ from imagetags.models import (
     StockImage,
     TagFrequency,
 )
-from imagetags.services import ranking, vectors
-from imagetags.services.clustering import rebuild_clusters
+from imagetags.services import vectors
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import select_images
 from imagetags.services.locks import (
@@ -41,6 +41,7 @@ from imagetags.services.locks import (
     rebuild_lock,
 )
 from imagetags.services.posts import create_post
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import NoActiveClusters, suggest
 from imagetags.signal_handlers import enqueue_feature_extraction
 from tests.conftest import DIM, unit
@@ -357,12 +358,12 @@ def test_worker_killed_mid_extraction_is_retried_and_completes(
 
 
 class _PausedFit:
-    """Replaces ranking.fit_clusters: the first call waits until released, others run at once."""
+    """Replaces kmeans.fit_clusters: the first call waits until released, others run at once."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        self.original = ranking.fit_clusters
+        self.original = kmeans.fit_clusters
         self.first = True
 
     def __call__(self, *args, **kwargs):
@@ -391,7 +392,7 @@ def test_second_rebuild_is_refused_while_one_runs(transactional_db, add_post, mo
     _library(add_post)
     previous = rebuild_clusters(k=2, algorithm="kmeans")
     paused = _PausedFit()
-    monkeypatch.setattr(ranking, "fit_clusters", paused)
+    monkeypatch.setattr(kmeans, "fit_clusters", paused)
     results: dict = {}
     thread = _in_thread(lambda: rebuild_clusters(k=2, algorithm="kmeans"), results, "first")
     try:
@@ -425,7 +426,7 @@ def test_second_rebuild_is_refused_while_one_runs(transactional_db, add_post, mo
 # yet the tag frequencies (nor activated the set): the test kills it there.
 HALF_BUILT_REBUILD = """
 import os, pathlib, time
-from imagetags.services import clustering
+from imagetags.services import rebuild
 marker = pathlib.Path(os.environ["IMAGETAGS_TEST_MARKER"])
 class _Hang:
     def bulk_create(self, *args, **kwargs):
@@ -435,8 +436,8 @@ class _TagFrequency:
     objects = _Hang()
     def __init__(self, **fields):
         pass
-clustering.TagFrequency = _TagFrequency
-clustering.rebuild_clusters(k=3, algorithm="kmeans")
+rebuild.TagFrequency = _TagFrequency
+rebuild.rebuild_clusters(k=3, algorithm="kmeans")
 """
 
 

@@ -566,7 +566,7 @@ def test_command_exits_non_zero_when_the_weights_file_is_broken(tmp_path):
 @pytest.fixture
 def clustered_library(make_post):
     """Two tagged posts of two images each, embedded and clustered (K=2) into an active set."""
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     make_post(tags=["tomato"], images=2, color=(220, 20, 20), pattern="noise")
     make_post(tags=["sea"], images=2, color=(20, 20, 220), pattern="stripes")

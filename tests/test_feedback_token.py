@@ -12,7 +12,7 @@ from django.urls import reverse
 import imagetags.forms
 import imagetags.views
 from imagetags.models import ClusterSet, Post, StockImage, SuggestionFeedback, Tag
-from imagetags.services.clustering import rebuild_clusters
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.shown import (
     MAX_SHOWN_SUGGESTIONS,
     InvalidSuggestionsToken,

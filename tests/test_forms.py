@@ -79,8 +79,8 @@ def state(
 def clusters(make_post):
     """A real library: red photos tagged tomato/red, blue ones blueberry/blue; VGG16 features
     (the suite's extractor) and k-means through the services."""
-    from imagetags.services.clustering import rebuild_clusters
     from imagetags.services.features import compute_features
+    from imagetags.services.rebuild import rebuild_clusters
 
     for seed in range(3):
         make_post(["tomato", "red"], color=(220, 20, 20), pattern="noise", seed=seed)
@@ -94,7 +94,7 @@ def clusters(make_post):
 def hand_clusters(add_post):
     """An active cluster set from hand-made vectors: enough for every check made before a file
     is embedded (suggest() looks for clusters first, then opens the file)."""
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     add_post(["soup"], [0])
     add_post(["cake"], [1])

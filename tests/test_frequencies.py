@@ -27,7 +27,8 @@ from imagetags.models import (
     TagSource,
 )
 from imagetags.services import frequencies
-from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
+from imagetags.services.assign import assign_to_active_set
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import suggest
 from imagetags.services.tagging import add_tags, remove_auto_tags
 from imagetags.services.vocabulary import merge_tags

@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from imagetags.core import kmeans
 from imagetags.core import vectors as core_vectors
 from imagetags.core.voting import VoteParams
 from imagetags.models import ClusterMembership, ClusterSet, Post, StockImage
 from imagetags.search.exact import ExactSearch
-from imagetags.services import ranking, serving
-from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
+from imagetags.services import serving
+from imagetags.services.assign import assign_to_active_set
 from imagetags.services.index import VotingIndex
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import suggest
 from imagetags.services.vectors import l2_normalize
@@ -71,7 +73,7 @@ def test_compact_blocks_find_the_same_neighbours_within_rounding():
     labels = rng.integers(0, 20, 4000)
     vectors = l2_normalize(topics[labels] + rng.normal(scale=0.06, size=(4000, 256)))
     centers = topics
-    assigned, _sims = ranking.nearest_centers(vectors, centers)
+    assigned, _sims = kmeans.nearest_centers(vectors, centers)
     exact = ExactSearch(centers, compact=False)
     exact.add(np.arange(4000), vectors, assigned)
     compact = ExactSearch(centers, compact=True)

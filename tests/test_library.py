@@ -399,7 +399,7 @@ def test_compute_features_embeds_in_batches_without_enqueuing_tasks(
 def test_compute_features_runs_the_whole_pipeline(lib: Path) -> None:
     """--compute-features embeds through tasks.run_feature_pipeline: the new images join the
     active clustering at once, as the per-image tasks would have made them."""
-    from imagetags.services.clustering import rebuild_clusters
+    from imagetags.services.rebuild import rebuild_clusters
 
     first = write_manifest(lib, [row(write_image(lib, f"{n}.jpg", n), ["x"]) for n in range(2)])
     call_command("import_library", str(first), "--compute-features", stdout=StringIO())

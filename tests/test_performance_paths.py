@@ -17,17 +17,15 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
+from imagetags.core import kmeans
 from imagetags.core import vectors as core_vectors
 from imagetags.images import open_image
 from imagetags.models import ClusterMembership, ClusterSetStatus, StockImage
-from imagetags.services import clustering, vectors
-from imagetags.services.clustering import (
-    ClusteringError,
-    read_library_vectors,
-    rebuild_clusters,
-    rows_per_read,
-)
+from imagetags.services import rebuild, vectors
+from imagetags.services.errors import ClusteringError
 from imagetags.services.extractors import FeatureExtractor, get_extractor
+from imagetags.services.rebuild import rebuild_clusters
+from imagetags.services.store import read_library_vectors, rows_per_read
 
 from .conftest import DIM, unit
 
@@ -135,7 +133,7 @@ def test_switching_to_float16_rebuilds_over_old_and_new_rows(add_post, settings)
     stored = [bytes(v) for v in StockImage.objects.order_by("pk").values_list("vector", flat=True)]
     assert [vectors.is_float16(data) for data in stored] == [False] * 3 + [True] * 3
 
-    library = read_library_vectors(clustering.current_extractor_key())
+    library = read_library_vectors(rebuild.current_extractor_key())
     cluster_set = rebuild_clusters(k=2, algorithm="kmeans")
 
     assert library.vectors.shape == (6, DIM)
@@ -153,7 +151,7 @@ def test_switching_to_float16_rebuilds_over_old_and_new_rows(add_post, settings)
 def test_reading_in_small_chunks_gives_the_same_library(add_post):
     for axis in (0, 1, 2, 0, 1, 2, 3):
         add_post(["t"], [axis, axis])
-    key = clustering.current_extractor_key()
+    key = rebuild.current_extractor_key()
 
     whole = read_library_vectors(key)
     seen: list[int] = []
@@ -172,7 +170,7 @@ def test_a_vector_of_another_dimension_is_named(add_post):
     StockImage.objects.filter(pk=odd.pk).update(vector=vectors.to_bytes(np.ones(3) / np.sqrt(3)))
 
     with pytest.raises(ClusteringError, match=f"Image {odd.pk} has a 3-d vector but others have 8"):
-        read_library_vectors(clustering.current_extractor_key())
+        read_library_vectors(rebuild.current_extractor_key())
 
 
 def test_wide_vectors_are_read_in_fewer_rows_per_query():
@@ -195,7 +193,7 @@ def test_streamed_rebuild_counts_tags_once_per_post(add_post, streamed, monkeypa
     def no_whole_library(*args, **kwargs):
         raise AssertionError("a streamed rebuild must not load the whole library")
 
-    monkeypatch.setattr(clustering, "read_library_vectors", no_whole_library)
+    monkeypatch.setattr(rebuild, "read_library_vectors", no_whole_library)
     for _ in range(4):
         add_post(["burger", "food"], [0] * 9)
         for _ in range(3):
@@ -227,23 +225,21 @@ def test_streamed_rebuild_never_holds_the_library_at_once(add_post, streamed, mo
     for index in range(200):
         add_post([f"t{index % 4}"], [index % 4])
     largest = {"read": 0, "fit": 0}
-    real_read = clustering.read_vectors_by_id
+    real_read = rebuild.read_vectors_by_id
 
     def spying_read(*args, **kwargs):
         ids, matrix = real_read(*args, **kwargs)
         largest["read"] = max(largest["read"], len(matrix))
         return ids, matrix
 
-    from sklearn.cluster import MiniBatchKMeans
+    real_step = kmeans.SphericalKMeans._step
 
-    real_partial_fit = MiniBatchKMeans.partial_fit
+    def spying_step(self, chunk):
+        largest["fit"] = max(largest["fit"], len(chunk))
+        return real_step(self, chunk)
 
-    def spying_partial_fit(self, X, *args, **kwargs):
-        largest["fit"] = max(largest["fit"], len(X))
-        return real_partial_fit(self, X, *args, **kwargs)
-
-    monkeypatch.setattr(clustering, "read_vectors_by_id", spying_read)
-    monkeypatch.setattr(MiniBatchKMeans, "partial_fit", spying_partial_fit)
+    monkeypatch.setattr(rebuild, "read_vectors_by_id", spying_read)
+    monkeypatch.setattr(kmeans.SphericalKMeans, "_step", spying_step)
 
     cluster_set = rebuild_clusters(k=4)
 

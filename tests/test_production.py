@@ -20,6 +20,7 @@ from django.core.management import call_command
 from django.db import connection, connections
 
 from imagetags.conf import imagetags_settings
+from imagetags.core import kmeans
 from imagetags.models import (
     Cluster,
     ClusterMembership,
@@ -32,11 +33,11 @@ from imagetags.models import (
     Tag,
     TagFrequency,
 )
-from imagetags.services import ranking, vectors
-from imagetags.services.clustering import rebuild_clusters
+from imagetags.services import vectors
 from imagetags.services.extractors import get_extractor
 from imagetags.services.pipeline_state import feature_tasks_suspended
 from imagetags.services.posts import create_post
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import suggest
 from imagetags.signal_handlers import enqueue_feature_extraction
 from tests.conftest import image_bytes, unit
@@ -280,7 +281,7 @@ class _SlowFit:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.original = ranking.fit_clusters
+        self.original = kmeans.fit_clusters
 
     def __call__(self, *args, **kwargs):
         time.sleep(self.seconds)
@@ -294,7 +295,7 @@ def test_suggestions_keep_being_served_during_rebuilds(transactional_db, add_pos
         add_post(["blue", f"b{i}"], [2, 3])
         add_post(["green", f"g{i}"], [4, 5])
     first = rebuild_clusters(k=3, algorithm="kmeans")
-    monkeypatch.setattr(ranking, "fit_clusters", _SlowFit(0.5))
+    monkeypatch.setattr(kmeans, "fit_clusters", _SlowFit(0.5))
     queries = {"red": unit(0, 0.05, seed=901), "blue": unit(2, 0.05, seed=902)}
 
     stop = threading.Event()

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from imagetags.conf import DEFAULTS
-from imagetags.core import counting, voting
+from imagetags.core import counting, kmeans, voting
 from imagetags.search.exact import ExactSearch
-from imagetags.services import ranking
 from imagetags.services.evaluation import (
     KNN,
     ClusterModel,
@@ -177,7 +176,7 @@ def _clustered(n: int = 200, dim: int = 16, k: int = 8, seed: int = 0):
     centers = l2_normalize(rng.normal(size=(k, dim)))
     labels = rng.integers(0, k, n)
     vectors = l2_normalize(centers[labels] + rng.normal(scale=0.3, size=(n, dim)))
-    assigned, _sims = ranking.nearest_centers(vectors, centers)
+    assigned, _sims = kmeans.nearest_centers(vectors, centers)
     return vectors, centers, assigned
 
 
@@ -223,7 +222,7 @@ def _image_set(vectors: np.ndarray, tags: list[set[str]], owners: dict[str, str]
 
 def _library_model(vectors, centers, labels, tags, owners=None) -> LibraryModel:
     library = _image_set(vectors, tags, owners or {})
-    result = ranking.ClusteringResult(
+    result = kmeans.ClusteringResult(
         centers=centers,
         labels=labels,
         similarities=np.ones(len(labels), dtype=np.float32),

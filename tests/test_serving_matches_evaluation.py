@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagetags.core import counting
+from imagetags.core import counting, kmeans
 from imagetags.core.voting import VoteParams
 from imagetags.models import ClusterMembership, FeatureStatus, Post, PostTag, StockImage, Tag
 from imagetags.search.exact import ExactSearch
-from imagetags.services import ranking, serving, store
+from imagetags.services import serving, store
 from imagetags.services import vectors as vec
-from imagetags.services.clustering import current_extractor_key, rebuild_clusters
 from imagetags.services.evaluation import ClusterModel, ImageSet, LibraryModel
 from imagetags.services.index import owner_key
+from imagetags.services.rebuild import current_extractor_key, rebuild_clusters
 from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import suggest
 
@@ -116,7 +116,7 @@ def evaluation_model(cluster_set) -> tuple[LibraryModel, list[int]]:
     counts, frequencies = counting.count_tag_frequencies(
         labels, posts, library.post_tags, centers.shape[0]
     )
-    result = ranking.ClusteringResult(centers, labels, sims, 0.0, 1, "kmeans", 0.0)
+    result = kmeans.ClusteringResult(centers, labels, sims, 0.0, 1, "kmeans", 0.0)
     return LibraryModel.build(library, ClusterModel(result, counts, frequencies)), pks
 
 

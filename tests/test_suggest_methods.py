@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from imagetags.core import counting
+from imagetags.core import counting, kmeans
 from imagetags.core import voting as core_voting
 from imagetags.models import ClusterSet, Post, PostTag, StockImage, Tag
-from imagetags.services import ranking
 from imagetags.services import vectors as vec
-from imagetags.services.clustering import assign_to_active_set, rebuild_clusters
+from imagetags.services.assign import assign_to_active_set
 from imagetags.services.evaluation import ClusterModel, ImageSet, LibraryModel
 from imagetags.services.index import VotingIndex
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import suggest, suggest_many, suggest_method
 
@@ -196,9 +196,9 @@ def test_serving_and_evaluation_rank_alike(soups_and_cakes):
     centers = np.stack(
         [vec.from_bytes(c.centroid) for c in active.clusters.order_by("index")]
     ).astype(np.float32)
-    labels, sims = ranking.nearest_centers(matrix, centers)
+    labels, sims = kmeans.nearest_centers(matrix, centers)
     counts, freqs = counting.count_tag_frequencies(labels, posts, library.post_tags, len(centers))
-    result = ranking.ClusteringResult(centers, labels, sims, 0.0, 1, "kmeans", 0.0)
+    result = kmeans.ClusteringResult(centers, labels, sims, 0.0, 1, "kmeans", 0.0)
     model = LibraryModel.build(library, ClusterModel(result, counts, freqs))
     params = core_voting.VoteParams()
     for seed, axis in enumerate([0, 1, 0, 1, 2]):

@@ -18,7 +18,7 @@ from PIL import Image
 import imagetags.services.suggest
 from imagetags.images import open_image
 from imagetags.models import TAG_NAME_MAX_LENGTH, ClusterSet, SuggestionFeedback
-from imagetags.services.clustering import rebuild_clusters
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.shown import read_token
 from imagetags.services.suggestion_requests import MAX_SUGGEST_LIMIT
 

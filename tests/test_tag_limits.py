@@ -11,9 +11,9 @@ from django.urls import reverse
 
 from imagetags.forms import SuggestedTagsField
 from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag, TagSource
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.library import import_manifest
 from imagetags.services.posts import ShownSuggestion, create_post, record_feedback
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.tagging import TooManyTags, add_tags, apply_auto_tags
 
 from .conftest import image_bytes

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from imagetags.models import PostTag, Tag, TagSource, normalize_tag_name
-from imagetags.services.clustering import rebuild_clusters
+from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.tagging import (
     InvalidTagName,
     add_tags,

@@ -11,9 +11,9 @@ from django.urls import reverse
 from PIL import Image
 
 from imagetags.models import StockImage
-from imagetags.services.clustering import rebuild_clusters
 from imagetags.services.extractors import get_extractor
 from imagetags.services.features import compute_features
+from imagetags.services.rebuild import rebuild_clusters
 
 
 @pytest.fixture

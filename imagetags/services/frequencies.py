@@ -31,10 +31,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from django.db import connections, models, router
+from django.db import models
 from django.db.models import Count
 
 from imagetags.models import (
@@ -45,6 +45,7 @@ from imagetags.models import (
     PostTag,
     TagFrequency,
 )
+from imagetags.services.store import batched, increment
 
 # Sets whose counts follow tag changes (see the module docstring for why not `building`).
 KEPT_TRUE = (ClusterSetStatus.ACTIVE, ClusterSetStatus.RETIRED)
@@ -304,7 +305,7 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
         for post_id in posts:
             for tag_id in tags_of.get(post_id, ()):
                 increments[cluster_id, tag_id] += 1
-    _increment(
+    increment(
         Cluster,
         ("size", "post_count"),
         ("pk",),
@@ -325,7 +326,7 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
         .order_by()
         .values_list("cluster_id", "tag_id")
     }
-    _increment(
+    increment(
         TagFrequency,
         ("post_count",),
         ("cluster", "tag"),
@@ -341,36 +342,8 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
     )
 
 
-def _increment(
-    model: type[models.Model],
-    columns: Sequence[str],
-    keys: Sequence[str],
-    rows: Sequence[tuple],
-) -> None:
-    """``UPDATE ... SET column = column + %s ... WHERE key = %s ...`` once per row, as one
-    prepared statement run by ``executemany``: a batch touches up to a few hundred
-    (cluster, tag) pairs, and an ORM ``update()`` each would cost more than the batch's
-    forward pass. ``rows`` hold the increments, then the key values."""
-    if not rows:
-        return
-    connection = connections[router.db_for_write(model)]
-    meta = model._meta
-    quote = connection.ops.quote_name
-
-    def column(name: str) -> str:
-        return quote((meta.pk if name == "pk" else meta.get_field(name)).column)
-
-    set_sql = ", ".join(f"{column(name)} = {column(name)} + %s" for name in columns)
-    where_sql = " AND ".join(f"{column(name)} = %s" for name in keys)
-    sql = f"UPDATE {quote(meta.db_table)} SET {set_sql} WHERE {where_sql}"
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, [list(row) for row in rows])
-
-
 def _chunks(ids: Collection[int]) -> Iterator[list[int]]:
-    ordered = sorted(ids)
-    for start in range(0, len(ordered), _ID_CHUNK):
-        yield ordered[start : start + _ID_CHUNK]
+    return batched(sorted(ids), _ID_CHUNK)
 
 
 def _distinct(querysets: Iterable[Iterable[int]]) -> list[int]:

@@ -10,6 +10,8 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from imagetags.core.kmeans import parse_k
+from imagetags.core.voting import VoteParams
 from imagetags.services.evaluation import (
     METHOD_HELP,
     EvaluationError,
@@ -17,7 +19,6 @@ from imagetags.services.evaluation import (
 )
 from imagetags.services.feedback import feedback_report
 from imagetags.services.library import ManifestError
-from imagetags.services.ranking import VoteParams, parse_k
 
 VOTING_KEYS = ("NEIGHBOURS", "TEMPERATURE", "VOTE_BY", "PRIOR_WEIGHT", "PROBES")
 

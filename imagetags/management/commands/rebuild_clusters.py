@@ -8,9 +8,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.conf import imagetags_settings
+from imagetags.core.kmeans import parse_k
 from imagetags.models import Cluster, ClusterSet
-from imagetags.services.clustering import ClusteringError, rebuild_clusters
-from imagetags.services.ranking import parse_k
+from imagetags.services.errors import ClusteringError
+from imagetags.services.rebuild import rebuild_clusters
 
 
 class Command(BaseCommand):

@@ -2,7 +2,7 @@
 
 The library and the queries are read with the import's parser (``library.parse_manifest``),
 opened with the upload rules (``images.open_image``), embedded with a real extractor, clustered
-with ``ranking.fit_clusters``, counted with ``core.counting.count_tag_frequencies`` and ranked by
+with ``kmeans.fit_clusters``, counted with ``core.counting.count_tag_frequencies`` and ranked by
 every method in ``METHODS``: ``popularity`` (``core.counting.popularity_ranking``), the patent's
 ``cluster`` (``core.voting.cluster_tags``), exact ``knn`` voting, and the ``VOTING`` setting's
 neighbour voting over the whole library (``vote``) or over the inverted file of the nearest

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imagetags.core import kmeans
 from imagetags.images import file_sha256
-from imagetags.services import ranking
 from imagetags.services.library import (
     ManifestEntry,
     Rejection,
@@ -182,9 +182,9 @@ def check_sizes(library: ImageSet, queries: ImageSet, wanted: Sequence[int]) -> 
 
 
 def resolve_clusters(clusters: int | str, n_library: int) -> int:
-    """K as asked: a number, or ``"auto"`` (``ranking.auto_k`` of the library size)."""
+    """K as asked: a number, or ``"auto"`` (``kmeans.auto_k`` of the library size)."""
     if clusters == "auto":
-        return ranking.auto_k(n_library)
+        return kmeans.auto_k(n_library)
     try:
         value = int(clusters)
     except (TypeError, ValueError):

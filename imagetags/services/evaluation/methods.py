@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from imagetags.core import counting
+from imagetags.core import counting, kmeans
 from imagetags.core import voting as core_voting
 from imagetags.core.metrics import MethodScores, score_rankings
 from imagetags.search.exact import ExactSearch
-from imagetags.services import ranking
 from imagetags.services.evaluation.data import ImageSet
 from imagetags.services.suggest import METHODS as SERVING_METHODS
 
@@ -24,7 +23,7 @@ from imagetags.services.suggest import METHODS as SERVING_METHODS
 class ClusterModel:
     """The patent's model of a library: centres, and per cluster its post count and tag counts."""
 
-    result: ranking.ClusteringResult
+    result: kmeans.ClusteringResult
     post_counts: list[int]
     frequencies: list[Counter]
 
@@ -64,7 +63,7 @@ def fit_cluster_model(
 ) -> ClusterModel:
     """Cluster the library's vectors and count each cluster's tags once per post."""
     assert library.vectors is not None
-    result = ranking.fit_clusters(
+    result = kmeans.fit_clusters(
         library.vectors,
         n_clusters,
         algorithm=algorithm,

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from imagetags.conf import imagetags_settings
+from imagetags.core import kmeans
 from imagetags.core import voting as core_voting
 from imagetags.core.metrics import MethodScores, summarise
-from imagetags.services import ranking
 from imagetags.services.evaluation.data import (
     EvaluationError,
     ImageSet,
@@ -72,9 +72,9 @@ def run_evaluation(
     defaults = imagetags_settings.CLUSTERING
     clusters = defaults["K"] if clusters is None else clusters
     algorithm = algorithm or defaults["ALGORITHM"]
-    if algorithm not in ranking.ALGORITHMS:
+    if algorithm not in kmeans.ALGORITHMS:
         raise EvaluationError(
-            f"Unknown algorithm {algorithm!r}: choose {' or '.join(ranking.ALGORITHMS)}."
+            f"Unknown algorithm {algorithm!r}: choose {' or '.join(kmeans.ALGORITHMS)}."
         )
     try:
         voting = voting or core_voting.VoteParams.from_setting(imagetags_settings.VOTING)
