@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     # Clustering defaults; every one can be overridden on `rebuild_clusters`' command line.
     "CLUSTERING": {
         "ALGORITHM": "minibatch",  # "kmeans" or "minibatch"
-        "K": "auto",  # an integer, or "auto" (see services.clustering.auto_k)
+        "K": "auto",  # an integer, or "auto" (see core.kmeans.auto_k)
         "BATCH_SIZE": 10_000,  # mini-batch size (the patent's example)
         "MAX_ITER": 300,
         "TOL": 1e-4,

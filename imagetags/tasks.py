@@ -18,9 +18,6 @@ from django.db.models import QuerySet
 from imagetags.conf import imagetags_settings
 from imagetags.models import Post, StockImage
 from imagetags.services import features
-
-# issue 11: services/clustering.py is being split (store / rebuild / assign); the lead re-points
-# these two imports when the branches are merged.
 from imagetags.services.assign import assign_to_active_set
 from imagetags.services.extractors import FeatureExtractor
 from imagetags.services.locks import release_queued_rebuild

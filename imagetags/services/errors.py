@@ -1,9 +1,9 @@
 """Exceptions shared by services that must not import each other.
 
-``ClusteringError`` is raised by the rebuild (``services.clustering``) and by the rebuild lock
-(``services.locks``, whose ``RebuildInProgress`` is one); living here, it lets clustering import
-the lock without the lock importing clustering back. ``services.clustering.ClusteringError``
-stays the public import path.
+``ClusteringError`` is raised by the rebuild (``services.rebuild``) and by the rebuild lock
+(``services.locks``, whose ``RebuildInProgress`` is one); living here, below both, it lets the
+rebuild import the lock without the lock importing the rebuild back. ``services.rebuild`` re-exports
+it, as the place a caller of ``rebuild_clusters`` looks.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from imagetags.images import InvalidImage
 from imagetags.models import FeatureStatus, StockImage
 from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
+from imagetags.services.store import batched
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +213,6 @@ def _id_list(images: Iterable[int] | QuerySet[StockImage]) -> list[int]:
     return list(dict.fromkeys(int(pk) for pk in ids))  # de-duplicated, order kept
 
 
-def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[start : start + size]) for start in range(0, len(items), size)]
-
-
 def compute_features(
     image_ids_or_queryset: Iterable[int] | QuerySet[StockImage],
     *,
@@ -287,7 +284,7 @@ def compute_features(
         # on_ready's steps) and the decoding threads read batch n + 1's files.
         ahead: _Batch | None = None
         embedding: tuple[_Batch, Future[_Embedded]] | None = None
-        for batch_ids in [*_chunks(ids, batch_size), None]:
+        for batch_ids in [*batched(ids, batch_size), None]:
             following = start_batch(batch_ids) if batch_ids is not None else None
             if ahead is not None:
                 if ahead.rows and not loaded:

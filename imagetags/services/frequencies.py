@@ -45,13 +45,13 @@ from imagetags.models import (
     PostTag,
     TagFrequency,
 )
-from imagetags.services.store import batched, increment
+from imagetags.services.store import IDS_PER_QUERY, batched, increment
 
 # Sets whose counts follow tag changes (see the module docstring for why not `building`).
 KEPT_TRUE = (ClusterSetStatus.ACTIVE, ClusterSetStatus.RETIRED)
 
 # Ids per `IN (...)` list: below SQLite's historical limit of 999 bound parameters.
-_ID_CHUNK = 500
+_ID_CHUNK = IDS_PER_QUERY
 
 
 @dataclass

@@ -51,6 +51,7 @@ from imagetags.models import (
 )
 from imagetags.search.exact import ExactSearch
 from imagetags.services import vectors
+from imagetags.services.store import IDS_PER_QUERY
 
 # Columns read for each member: enough to vote without touching the post again.
 _MEMBER_FIELDS = (
@@ -72,7 +73,7 @@ _RECHECK_KEYS = 4096
 # Clusters read by one query when many are loaded at once (a warm-up reads them all): bounds
 # the rows held as Python objects during a load. A query probes 6, read together.
 _CLUSTERS_PER_READ = 16
-_SQL_BATCH = 500  # ids per IN list: far below every backend's limit on query parameters
+_SQL_BATCH = IDS_PER_QUERY
 
 
 def owner_key(owner_id: int | None, external_owner: str | None) -> str | None:

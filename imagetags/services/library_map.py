@@ -31,6 +31,7 @@ from imagetags.models import (
 )
 from imagetags.services import vectors
 from imagetags.services.serving import serving_cache
+from imagetags.services.store import IDS_PER_QUERY
 
 MAX_POINTS = 20_000
 # Fixed palette (Tableau 20, strong shades first): a cluster keeps its colour across page loads
@@ -45,7 +46,7 @@ LABEL_MAX_CHARS = 24
 _LABEL_FONT_PX = 12
 _LABEL_CHAR_PX = 7.0  # average advance of a bold 12 px sans-serif character, for overlap tests
 _LABEL_DOT_PX = 12  # the colour dot before a label's text, with its gap
-_ID_CHUNK = 500  # ids per IN (...) list, under SQLite's historical 999-parameter limit
+_ID_CHUNK = IDS_PER_QUERY
 
 
 class LibraryMapUnavailable(Exception):

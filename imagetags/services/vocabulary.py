@@ -25,13 +25,14 @@ from imagetags.models import (
 )
 from imagetags.services.feedback import count_subquery
 from imagetags.services.frequencies import deferred_recount, posts_changed
+from imagetags.services.store import IDS_PER_QUERY, batched
 
 # Which row survives when a post carries several of the merged tags: what a person gave beats
 # what was imported, which beats what the machine applied on its own.
 SOURCE_PRECEDENCE = (TagSource.TYPED, TagSource.SUGGESTED, TagSource.IMPORTED, TagSource.AUTO)
 
 # Ids per `IN (...)` list: below SQLite's historical limit of 999 bound parameters.
-_ID_CHUNK = 500
+_ID_CHUNK = IDS_PER_QUERY
 
 
 class TagMergeError(ValueError):
@@ -66,11 +67,6 @@ def annotate_usage(tags: QuerySet[Tag]) -> QuerySet[Tag]:
         post_count=count_subquery(post_tags, "tag"),
         auto_count=count_subquery(post_tags, "tag", source=TagSource.AUTO),
     )
-
-
-def _chunks(ids: list[int]) -> Iterable[list[int]]:
-    for start in range(0, len(ids), _ID_CHUNK):
-        yield ids[start : start + _ID_CHUNK]
 
 
 def _rank(row: dict) -> tuple:
@@ -164,9 +160,9 @@ def _merge_post_tags(source_ids: list[int], target_id: int, result: MergeResult)
             )
     # Delete first: moving a row onto a post that still had a duplicate would break the
     # (post, tag) unique constraint.
-    for chunk in _chunks(delete_ids):
+    for chunk in batched(delete_ids):
         PostTag.objects.filter(pk__in=chunk).delete()
-    for chunk in _chunks(move_ids):
+    for chunk in batched(move_ids):
         PostTag.objects.filter(pk__in=chunk).update(tag_id=target_id)
     PostTag.objects.bulk_update(upgrades, ["source", "added_by_id"], batch_size=_ID_CHUNK)
     result.posts_moved = len(move_ids)
