@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from PIL import Image
+
+if TYPE_CHECKING:
+    from imagetags.models import Post, PostTag, Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared"
@@ -239,3 +243,31 @@ def soups_and_cakes(add_post):
     for extra in ("tomato", "tomato", "pea", None):
         add_post(["food", "soup"] + ([extra] if extra else []), [1])
     return rebuild_clusters(k=2, algorithm="kmeans")
+
+
+def post_admin_form_data(
+    post: Post, rows: list[tuple[PostTag | None, Tag, bool]]
+) -> dict[str, str]:
+    """The POST body of the admin's post change form: the post's fields, no image rows, and one
+    tag inline row per (existing row or None for a new one, its tag, whether to delete it)."""
+    from imagetags.models import TagSource  # models are importable once Django is set up
+
+    data = {
+        "title": post.title,
+        "external_owner": "",
+        "import_key": "",
+        "created_0": post.created.strftime("%Y-%m-%d"),
+        "created_1": post.created.strftime("%H:%M:%S"),
+        "images-TOTAL_FORMS": "0",
+        "images-INITIAL_FORMS": "0",
+        "post_tags-TOTAL_FORMS": str(len(rows)),
+        "post_tags-INITIAL_FORMS": str(sum(row is not None for row, _tag, _delete in rows)),
+    }
+    for i, (row, tag, delete) in enumerate(rows):
+        data[f"post_tags-{i}-id"] = str(row.pk) if row else ""
+        data[f"post_tags-{i}-post"] = str(post.pk)
+        data[f"post_tags-{i}-tag"] = str(tag.pk)
+        data[f"post_tags-{i}-source"] = row.source if row else TagSource.TYPED
+        if delete:
+            data[f"post_tags-{i}-DELETE"] = "on"
+    return data

@@ -32,7 +32,7 @@ from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.suggest import suggest
 from imagetags.services.tagging import add_tags, remove_auto_tags
 from imagetags.services.vocabulary import merge_tags
-from tests.conftest import unit
+from tests.conftest import post_admin_form_data, unit
 
 SOUP_AXIS, CAKE_AXIS = 1, 0
 
@@ -130,33 +130,11 @@ def test_a_tag_that_starts_or_stops_counting_is_recounted(soups_and_cakes):
     assert "broth" not in cluster_tags(SOUP_AXIS)
 
 
-def _inline_data(post: Post, rows: list[tuple[PostTag | None, Tag, bool]]) -> dict[str, str]:
-    data = {
-        "title": post.title,
-        "external_owner": "",
-        "import_key": "",
-        "created_0": post.created.strftime("%Y-%m-%d"),
-        "created_1": post.created.strftime("%H:%M:%S"),
-        "images-TOTAL_FORMS": "0",
-        "images-INITIAL_FORMS": "0",
-        "post_tags-TOTAL_FORMS": str(len(rows)),
-        "post_tags-INITIAL_FORMS": str(sum(row is not None for row, _tag, _delete in rows)),
-    }
-    for i, (row, tag, delete) in enumerate(rows):
-        data[f"post_tags-{i}-id"] = str(row.pk) if row else ""
-        data[f"post_tags-{i}-post"] = str(post.pk)
-        data[f"post_tags-{i}-tag"] = str(tag.pk)
-        data[f"post_tags-{i}-source"] = row.source if row else TagSource.TYPED
-        if delete:
-            data[f"post_tags-{i}-DELETE"] = "on"
-    return data
-
-
 def test_the_admin_inline_keeps_counts_true(admin_client, soups_and_cakes):
     post = Post.objects.filter(post_tags__tag__name="tomato").order_by("pk").first()
     rows = {row.tag.name: row for row in post.post_tags.select_related("tag")}
     pea, chowder = Tag.objects.get(name="pea"), Tag.objects.create(name="chowder")
-    data = _inline_data(
+    data = post_admin_form_data(
         post,
         [
             (rows["food"], rows["food"].tag, False),  # unchanged

@@ -10,13 +10,13 @@ from django import forms
 from django.urls import reverse
 
 from imagetags.forms import SuggestedTagsField
-from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag, TagSource
+from imagetags.models import Post, PostTag, StockImage, SuggestionFeedback, Tag
 from imagetags.services.library import import_manifest
 from imagetags.services.posts import ShownSuggestion, create_post, record_feedback
 from imagetags.services.rebuild import rebuild_clusters
 from imagetags.services.tagging import TooManyTags, add_tags, apply_auto_tags
 
-from .conftest import image_bytes
+from .conftest import image_bytes, post_admin_form_data
 
 
 def stored_files(root: Path) -> list[Path]:
@@ -111,23 +111,8 @@ def test_the_admin_inline_refuses_more_than_the_limit(admin_client, make_post, s
     settings.IMAGETAGS = {**settings.IMAGETAGS, "MAX_TAGS_PER_POST": 2}
     post = make_post(tags=["a", "b"])
     extra = Tag.objects.create(name="c")
-    rows = list(post.post_tags.order_by("pk"))
-    data = {
-        "title": post.title,
-        "external_owner": "",
-        "import_key": "",
-        "created_0": post.created.strftime("%Y-%m-%d"),
-        "created_1": post.created.strftime("%H:%M:%S"),
-        "images-TOTAL_FORMS": "0",
-        "images-INITIAL_FORMS": "0",
-        "post_tags-TOTAL_FORMS": "3",
-        "post_tags-INITIAL_FORMS": "2",
-    }
-    for i, row in enumerate([*rows, None]):
-        data[f"post_tags-{i}-id"] = str(row.pk) if row else ""
-        data[f"post_tags-{i}-post"] = str(post.pk)
-        data[f"post_tags-{i}-tag"] = str(row.tag_id if row else extra.pk)
-        data[f"post_tags-{i}-source"] = TagSource.TYPED
+    rows = [(row, row.tag, False) for row in post.post_tags.order_by("pk").select_related("tag")]
+    data = post_admin_form_data(post, [*rows, (None, extra, False)])
     change_url = reverse("admin:imagetags_post_change", args=[post.pk])
     response = admin_client.post(change_url, data)
     assert response.status_code == 200
