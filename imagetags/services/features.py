@@ -35,7 +35,7 @@ from imagetags.images import InvalidImage
 from imagetags.models import FeatureStatus, StockImage
 from imagetags.services import vectors
 from imagetags.services.extractors import FeatureExtractor, get_extractor
-from imagetags.services.store import batched
+from imagetags.services.store import batched, update_rows
 
 logger = logging.getLogger(__name__)
 
@@ -407,26 +407,19 @@ def _process_batch(
 
 
 def _write_rows(rows: list[StockImage]) -> None:
-    """Save the computed columns of ``rows``: one UPDATE statement run for every row.
-
-    The same effect as ``bulk_update(rows, _WRITTEN_FIELDS)`` (no signals, no ``save()``), but
-    Django builds bulk_update's ``CASE WHEN pk = ... THEN ...`` expressions for every field and
-    row, which cost ~1.5 ms per image in the profile, as much as a MobileNet forward pass; a
-    prepared statement with ``executemany`` costs a few microseconds per row.
-    """
+    """Save the computed columns of ``rows`` in one prepared UPDATE (``store.update_rows``): the
+    same effect as ``bulk_update(rows, _WRITTEN_FIELDS)`` (no signals, no ``save()``), at a few
+    microseconds per row instead of ~1.5 ms."""
     connection = connections[router.db_for_write(StockImage)]
     meta = StockImage._meta
     fields = [meta.get_field(name) for name in _WRITTEN_FIELDS]
-    quote = connection.ops.quote_name
-    sql = "UPDATE {} SET {} WHERE {} = %s".format(
-        quote(meta.db_table),
-        ", ".join(f"{quote(f.column)} = %s" for f in fields),
-        quote(meta.pk.column),
+    update_rows(
+        StockImage,
+        _WRITTEN_FIELDS,
+        ("pk",),
+        [
+            [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
+            + [meta.pk.get_db_prep_value(row.pk, connection)]
+            for row in rows
+        ],
     )
-    params = [
-        [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
-        + [meta.pk.get_db_prep_value(row.pk, connection)]
-        for row in rows
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, params)

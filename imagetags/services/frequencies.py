@@ -45,7 +45,7 @@ from imagetags.models import (
     PostTag,
     TagFrequency,
 )
-from imagetags.services.store import IDS_PER_QUERY, batched, increment
+from imagetags.services.store import IDS_PER_QUERY, batched, update_rows
 
 # Sets whose counts follow tag changes (see the module docstring for why not `building`).
 KEPT_TRUE = (ClusterSetStatus.ACTIVE, ClusterSetStatus.RETIRED)
@@ -305,7 +305,7 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
         for post_id in posts:
             for tag_id in tags_of.get(post_id, ()):
                 increments[cluster_id, tag_id] += 1
-    increment(
+    update_rows(
         Cluster,
         ("size", "post_count"),
         ("pk",),
@@ -313,6 +313,7 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
             (size, len(new_posts.get(cluster_id, ())), cluster_id)
             for cluster_id, size in sizes.items()
         ],
+        add=True,
     )
     if not increments:
         return
@@ -326,11 +327,12 @@ def add_posts_to_clusters(sizes: dict[int, int], new_posts: dict[int, set[int]])
         .order_by()
         .values_list("cluster_id", "tag_id")
     }
-    increment(
+    update_rows(
         TagFrequency,
         ("post_count",),
         ("cluster", "tag"),
         [(count, *pair) for pair, count in increments.items() if pair in existing],
+        add=True,
     )
     TagFrequency.objects.bulk_create(
         [
