@@ -23,6 +23,7 @@ from imagetags.conf import imagetags_settings
 from imagetags.models import Post, PostTag, StockImage, Tag
 from imagetags.services import frequencies
 from imagetags.services.pipeline_state import feature_tasks_are_suspended
+from imagetags.services.stored_files import delete_stored_file
 
 
 def enqueue_feature_extraction(image_id: int) -> None:
@@ -53,8 +54,6 @@ def stock_image_saved(
 def stock_image_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     # Every StockImage owns its file (each save stores a new one), so the file goes with the
     # row: whether the row went alone, through the admin, the API or a cascade from its Post.
-    from imagetags.services.stored_files import delete_stored_file
-
     name = instance.image.name
     if not name:
         return
@@ -73,8 +72,6 @@ def stock_image_file_replaced(
     old_name = str(getattr(instance, "_loaded_image_name", "") or "")
     if not old_name or old_name == instance.image.name:
         return
-    from imagetags.services.stored_files import delete_stored_file
-
     storage = instance.image.storage
     transaction.on_commit(lambda: delete_stored_file(storage, old_name), using=kwargs.get("using"))
 

@@ -32,6 +32,7 @@ from imagetags.models import (
 from imagetags.services import vectors
 from imagetags.services.assign import assign_to_active_set
 from imagetags.services.errors import ClusteringError
+from imagetags.services.extractors import get_extractor
 from imagetags.services.frequencies import counted_tags_by_post, recount_changed_since
 from imagetags.services.locks import RebuildLease, cleanup_abandoned_sets, rebuild_lock
 from imagetags.services.store import (
@@ -53,8 +54,6 @@ Progress = Callable[[str], None]
 
 
 def current_extractor_key() -> str:
-    from imagetags.services.extractors import get_extractor
-
     return get_extractor().key
 
 

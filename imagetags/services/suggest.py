@@ -32,6 +32,8 @@ from imagetags.models import (
     normalize_tag_name,
 )
 from imagetags.services import vectors
+from imagetags.services.extractors import get_extractor
+from imagetags.services.extractors import warm_up as warm_up_extractor
 from imagetags.services.serving import METHODS, serving_cache
 
 logger = logging.getLogger(__name__)
@@ -120,8 +122,6 @@ def embed(
     Computing here is for the CLI, the API and tests; the upload flow stores vectors through the
     background task, so a web request only embeds an image the user is choosing right now.
     """
-    from imagetags.services.extractors import get_extractor
-
     extractor = get_extractor()
     if isinstance(source, StockImage):
         if (
@@ -152,9 +152,8 @@ def warm_up() -> None:
     also call it from a worker hook. Without clusters (a new site, a database not migrated yet)
     only the model is loaded: the warm-up must never stop a process from starting.
     """
-    from imagetags.services.extractors import warm_up as load_model
 
-    load_model()
+    warm_up_extractor()
     try:
         cluster_set = active_cluster_set()
         cache = serving_cache()
@@ -203,8 +202,6 @@ def suggest(
     Raises :class:`SuggestionUnavailable` subclasses when there are no clusters or they belong
     to another extractor, and ``images.InvalidImage`` for a bad file.
     """
-    from imagetags.services.extractors import get_extractor
-
     if method is None:
         method = suggest_method()
     elif method not in METHODS:

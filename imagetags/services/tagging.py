@@ -18,7 +18,9 @@ from imagetags.models import (
     normalize_tag_name,
     tag_name_error,
 )
+from imagetags.services.extractors import get_extractor
 from imagetags.services.frequencies import deferred_recount
+from imagetags.services.suggest import SuggestionUnavailable, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +130,6 @@ def apply_auto_tags(post: Post) -> list[PostTag]:
     not counted into cluster frequencies (``COUNTED_TAG_SOURCES``). Suggestions from several
     images are merged by best score. Safe to call again: tags already on the post are skipped.
     """
-    from imagetags.services.extractors import get_extractor
-    from imagetags.services.suggest import SuggestionUnavailable, suggest
-
     if not imagetags_settings.AUTO_TAG:
         return []
     # Usable vectors only: ready and made by the configured extractor (staleness is derived).
