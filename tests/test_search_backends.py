@@ -124,7 +124,7 @@ def test_results_are_cosines_most_similar_first(backend):
     assert np.all(np.diff(sims, axis=1) <= 0)
     true = np.einsum("qd,qkd->qk", vectors[:20], vectors[ids - 1])
     assert np.abs(sims - true).max() < 2e-3  # float16 storage moves a cosine by ~1e-3
-    one_ids, one_sims = search.search(vectors[3], 30)  # one query: the same row
+    one_ids, _one_sims = search.search(vectors[3], 30)  # one query: the same row
     assert one_ids.shape == (1, 30) and one_ids[0].tolist() == ids[3].tolist()
 
 
