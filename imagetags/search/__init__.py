@@ -7,5 +7,6 @@ it, so what ``evaluate_suggestions`` measures is the search the site serves with
 
 from imagetags.search.base import VectorSearch, get_search_class, register
 from imagetags.search.exact import ExactSearch  # registers "exact"
+from imagetags.search.pgvector import PgvectorSearch  # registers "pgvector" (psycopg not needed)
 
-__all__ = ["ExactSearch", "VectorSearch", "get_search_class", "register"]
+__all__ = ["ExactSearch", "PgvectorSearch", "VectorSearch", "get_search_class", "register"]
