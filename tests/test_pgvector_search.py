@@ -135,3 +135,23 @@ def test_opening_an_unknown_table_is_a_clear_error(connect: Callable) -> None:
 def test_table_names_are_checked(connect: Callable) -> None:
     with pytest.raises(ValueError, match="Not a table name"):
         PgvectorSearch(connect, "x; DROP TABLE imagetags_post", DIM)
+
+
+def test_works_on_a_connection_that_binds_parameters_client_side(
+    pgvector_url: str, library: np.ndarray
+) -> None:
+    # Django's PostgreSQL backend gives its psycopg connection ClientCursor cursors (unless
+    # OPTIONS["server_side_binding"]): the services layer will pass that connection.
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(
+        pgvector_url, autocommit=True, cursor_factory=psycopg.ClientCursor
+    ) as conn:
+        search = PgvectorSearch.from_arrays(
+            lambda: conn, "client_side", library[:500], np.zeros(500, np.int64),
+            np.arange(500, dtype=np.int64), replace=True,
+        )  # fmt: skip
+        search.remove(np.array([3]))
+        ids, _ = search.search(library[[3, 4]], 2)
+        search.drop()
+
+    assert ids[1, 0] == 4 and 3 not in ids

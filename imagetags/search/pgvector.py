@@ -27,6 +27,7 @@ indexes it, then saves it over the served one); ``open(name, connect=...)`` atta
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterator
@@ -99,9 +100,17 @@ def _copy_rows(ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> np.nd
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _literal_format(dim: int) -> str:
+    # %.9g: every float32 exactly (so PostgreSQL rounds to float16 as NumPy would), in one
+    # C-level formatting call: 0.16 ms for 512 values, a third of repr-and-join.
+    return "[" + ",".join(["%.9g"] * dim) + "]"
+
+
 def _literal(vector: np.ndarray) -> str:
-    """pgvector's text form of a vector (``[0.1,0.2,...]``)."""
-    return "[" + ",".join(map(repr, vector.tolist())) + "]"
+    """pgvector's text form of a float32 vector (``[0.1,0.2,...]``). Text, not a binary
+    parameter: Django's psycopg cursors bind parameters client-side, which has no binary form."""
+    return _literal_format(vector.shape[0]) % tuple(vector.tolist())
 
 
 @register
