@@ -14,10 +14,12 @@ from imagetags.search.base import (
     search_aliases,
 )
 from imagetags.search.exact import ExactSearch  # registers "exact"
+from imagetags.search.pgvector import PgvectorSearch  # registers "pgvector" (psycopg not needed)
 from imagetags.search.usearch import UsearchSearch  # registers "usearch" (imports it on use)
 
 __all__ = [
     "ExactSearch",
+    "PgvectorSearch",
     "ReadOnlySearchError",
     "SearchIndexError",
     "UsearchSearch",
