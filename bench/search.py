@@ -171,6 +171,7 @@ BACKENDS: list[Backend] = [
         _engine_missing("pgvector", "pgvector"),
         _not_written,
         _not_written,
+        settings={"SEARCH": "pgvector"},
     ),
     Backend(
         "usearch",
@@ -178,6 +179,7 @@ BACKENDS: list[Backend] = [
         _engine_missing("usearch", "usearch"),
         _not_written,
         _not_written,
+        settings={"SEARCH": "usearch"},
     ),
 ]
 
@@ -430,9 +432,17 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 def _setup(workdir: Path, name: str, entry: Backend | None = None) -> None:
     from bench.common import setup_django
     from bench.rebuild_worker import extractor_config
+    from imagetags.conf import DEFAULTS
 
     settings = {"EXTRACTOR": extractor_config(DIM), "AUTO_FEATURES": False}
     if entry is not None:
+        unknown = set(entry.settings) - set(DEFAULTS)
+        if unknown:
+            # setup_django drops keys the app does not know: the backend would silently be
+            # measured as today's default.
+            raise RuntimeError(
+                f"{entry.alias}: IMAGETAGS has no {', '.join(sorted(unknown))} setting yet."
+            )
         settings.update(entry.settings)
     setup_django(workdir, name, settings, fresh_db=False)
 

@@ -125,3 +125,10 @@ def test_the_search_benchmark_runs_end_to_end_on_a_small_library(tmp_path):
     assert len(exact) == 6 and all(row["value"] is not None for row in exact)
     assert 0 < next(r["value"] for r in exact if "recall" in r["name"]) <= 1.0
     assert any("p50, warm" in name for name in names)
+
+
+def test_a_backend_needing_a_setting_the_app_lacks_is_refused_not_measured_as_exact(tmp_path):
+    # setup_django drops unknown IMAGETAGS keys; without the check, "usearch" rows would time
+    # today's exact path under another name.
+    with pytest.raises(RuntimeError, match="IMAGETAGS has no SEARCH setting"):
+        search._setup(tmp_path, "library", search.backend("usearch"))
