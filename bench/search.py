@@ -138,6 +138,13 @@ def _engine_missing(alias: str, module: str) -> Callable[[], str | None]:
             return f"imagetags.search has no {alias!r} backend yet"
         if importlib.util.find_spec(module) is None:
             return f"the {module!r} package is not installed"
+        from imagetags.conf import DEFAULTS
+
+        if "SEARCH" not in DEFAULTS:
+            return (
+                f"the {alias!r} backend is in imagetags.search but not wired into serving yet "
+                "(no IMAGETAGS['SEARCH'] setting)"
+            )
         return None
 
     return missing

@@ -83,9 +83,13 @@ def test_reference_rows_are_information_and_missing_backends_are_missed():
     assert "counts as missed" in missing[0].note
 
 
-def test_unregistered_engines_say_they_are_not_available():
-    # Neither engine is registered in imagetags.search at this stage of issue 12.
-    assert "no 'usearch' backend" in (search.backend("usearch").missing() or "")
+def test_engines_not_served_yet_say_they_are_not_available():
+    # Both engines are registered in imagetags.search, but serving cannot choose them yet (the
+    # IMAGETAGS["SEARCH"] setting is the next stage of issue 12): the bench must say so, not
+    # time them as exact.
+    for alias in ("usearch", "pgvector"):
+        reason = search.backend(alias).missing() or ""
+        assert "not wired into serving yet" in reason or "not installed" in reason, reason
     assert search.backend("exact").missing() is None
 
 

@@ -52,6 +52,14 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+# Registered backends not in the shared suite yet, and why (each is still tested on its own).
+NOT_YET_IN_SUITE = {
+    "pgvector": "its save/open publish and attach database tables, not files, and it needs a "
+    "server: tests/test_pgvector_search.py covers it until this suite takes a connection "
+    "(issue 12, next stage)",
+}
+
+
 @cache
 def library(n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vectors, centres, lists): ``n`` unit vectors around ``TOPICS`` topics at cosine ~0.6
@@ -77,6 +85,8 @@ def queries(count: int = 200, seed: int = 1) -> np.ndarray:
 
 @pytest.fixture(params=search_aliases())
 def backend(request) -> Backend:
+    if request.param in NOT_YET_IN_SUITE:
+        pytest.skip(f"{request.param}: {NOT_YET_IN_SUITE[request.param]}")
     try:
         get_search_class(request.param)
     except ImportError as missing:  # an optional package not installed here: said, not hidden
@@ -105,7 +115,8 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def test_every_registered_backend_is_in_the_suite():
-    assert set(search_aliases()) == set(BACKENDS)
+    assert set(search_aliases()) == set(BACKENDS) | set(NOT_YET_IN_SUITE)
+    assert not set(BACKENDS) & set(NOT_YET_IN_SUITE)
 
 
 def test_recall_at_50_against_exact_is_at_least_095(backend):
