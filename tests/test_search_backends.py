@@ -259,6 +259,18 @@ def test_a_viewed_usearch_file_is_read_only(tmp_path):
 
 
 @usearch_installed
+def test_a_small_usearch_index_finds_the_exact_neighbours():
+    """Up to ``exact_up_to`` vectors the graph is not walked: an HNSW graph of a few hundred
+    nodes built by parallel adds can leave a node unreachable, and a library that small must
+    not lose a neighbour to it."""
+    search, vectors = filled(BACKENDS["usearch"], 3_000)
+    assert len(search) <= UsearchSearch.exact_up_to
+    # Every member asked for its one nearest finds itself: a node the walk misses would not.
+    found, _sims = search.search(vectors, 1)
+    assert found[:, 0].tolist() == list(range(1, len(vectors) + 1))
+
+
+@usearch_installed
 def test_adding_an_id_again_replaces_its_vector():
     # usearch refuses a key twice; an image re-embedded is one id with a new vector.
     search, vectors = filled(BACKENDS["usearch"], 500)
