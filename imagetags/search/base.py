@@ -6,11 +6,33 @@ set: an inverted file), and answers "the k most similar ids" for a batch of quer
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import numpy as np
+
+#: What a person runs to write a search index file again (a missing or corrupt one is rebuilt).
+REBUILD_COMMAND = "python manage.py rebuild_clusters"
+
+
+class SearchIndexError(Exception):
+    """A search index file is missing or cannot be read: rebuilding the clusters writes it again.
+
+    The one error a backend raises for a bad file, whatever its engine raised, so that callers
+    catch one thing and can show ``path`` and the fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{problem}: {self.path}. Write it again with `{REBUILD_COMMAND}`.")
+
+
+class ReadOnlySearchError(RuntimeError):
+    """A change (``add``/``remove``) asked of a search opened read-only (a memory-mapped view)."""
 
 
 class VectorSearch(ABC):
@@ -40,16 +62,65 @@ class VectorSearch(ABC):
 
     @abstractmethod
     def save(self, path: str | os.PathLike) -> None:
-        """Write everything held to ``path`` (readable by :meth:`open`)."""
+        """Write everything held to ``path`` (readable by :meth:`open`), replacing the file
+        atomically (:func:`write_atomically`)."""
 
     @classmethod
     @abstractmethod
     def open(cls, path: str | os.PathLike) -> VectorSearch:
-        """A search read back from a file :meth:`save` wrote."""
+        """A search read back from a file :meth:`save` wrote; :class:`SearchIndexError` when
+        the file is missing or cannot be read."""
 
     @abstractmethod
     def __len__(self) -> int:
         """Vectors held."""
+
+    @classmethod
+    def missing_requirement(cls) -> str | None:
+        """Why this backend cannot run here (e.g. an optional package to install), or ``None``.
+        :func:`get_search_class` raises it, so a site that chooses the backend learns at once."""
+        return None
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Replace the file at ``path`` with what ``write(temporary_path)`` writes, atomically.
+
+    The temporary file sits beside ``path`` (one file system, so the rename is atomic), is
+    flushed to disk, then renamed over ``path``: a process opening ``path`` gets the old file or
+    the new one, never half of one, and one that mapped the old file keeps it until it reopens.
+    On any failure ``path`` is untouched and the temporary file is gone."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+    )
+    os.close(fd)
+    try:
+        # mkstemp makes the file private (0600): give it the mode of the file it replaces, or
+        # 0644, so that web processes running as another user can read it.
+        os.chmod(temporary, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (skipped where a directory cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _BACKENDS: dict[str, type[VectorSearch]] = {}
@@ -67,10 +138,20 @@ def register(cls: SearchClass) -> SearchClass:
 
 
 def get_search_class(alias: str) -> type[VectorSearch]:
-    """The backend registered as ``alias`` (e.g. ``"exact"``)."""
+    """The backend registered as ``alias`` (e.g. ``"exact"``); ImportError naming what to
+    install when the backend's optional package is missing."""
     try:
-        return _BACKENDS[alias]
+        cls = _BACKENDS[alias]
     except KeyError:
         raise ValueError(
             f"Unknown vector search {alias!r}; choose one of {', '.join(sorted(_BACKENDS))}."
         ) from None
+    missing = cls.missing_requirement()
+    if missing is not None:
+        raise ImportError(missing)
+    return cls
+
+
+def search_aliases() -> list[str]:
+    """Every registered backend's alias, runnable here or not (``missing_requirement``)."""
+    return sorted(_BACKENDS)

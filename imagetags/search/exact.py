@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from imagetags.core.vectors import BFLOAT16, block_similarities, to_bfloat16
-from imagetags.search.base import VectorSearch, register
+from imagetags.search.base import SearchIndexError, VectorSearch, register, write_atomically
 
 # Reads lists on first use: yields (list, ids, float32 vectors) for each list asked for.
 Loader = Callable[[Sequence[int]], Iterable[tuple[int, np.ndarray, np.ndarray]]]
@@ -238,9 +238,14 @@ class ExactSearch(VectorSearch):
 
     def save(self, path: str | os.PathLike) -> None:
         with self._lock:
-            positions = self.loaded_lists
+            write_atomically(path, self._write)
+
+    def _write(self, path: str) -> None:
+        positions = self.loaded_lists
+        # A file object: given a name, np.savez would append ".npz" to it.
+        with open(path, "wb") as file:
             np.savez(
-                path,
+                file,
                 centers=self.centers,
                 compact=np.array(self.compact),
                 lists=np.concatenate(
@@ -256,9 +261,16 @@ class ExactSearch(VectorSearch):
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ExactSearch:
-        with np.load(path, allow_pickle=False) as data:
-            search = cls(data["centers"], compact=bool(data["compact"]))
-            lists, ids, stored = data["lists"], data["ids"], data["vectors"]
+        if not os.path.isfile(path):
+            raise SearchIndexError(path, "No vector search index file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                search = cls(data["centers"], compact=bool(data["compact"]))
+                lists, ids, stored = data["lists"], data["ids"], data["vectors"]
+        except Exception as error:  # a truncated zip, a foreign file, a missing array: one error
+            raise SearchIndexError(
+                path, f"Unreadable vector search index file ({error})"
+            ) from error
         # Stored as held: bfloat16 bits go back in as they are, never rounded twice.
         for position in np.unique(lists).tolist():
             rows = np.flatnonzero(lists == position)

@@ -1,0 +1,585 @@
+"""Issue 12's targets: ``suggest(vector)`` through each vector-search backend, against exact k-NN.
+
+    bench/run --only search [--sizes 10000,100000,1000000]
+
+For each size, ``bench.rebuild_worker populate`` fills a synthetic SQLite library once (kept in
+the work directory like the rebuild benchmark's; ``--fresh`` makes new ones): unit vectors around
+``topics_for(n)`` topic centres (3,000 at 1,000,000) whose sizes follow Zipf's law, each image at
+cosine 0.5–0.7 to its centre (drawn per topic), posts of one to three images and their generic,
+topic and noise tags. Uniform random vectors would have no neighbours and defeat every ANN
+engine; these have neighbours the way CNN features of dishes do. ``bench.rebuild_worker rebuild``
+then clusters it (K=150, as the rebuild benchmark and the figures the issue cites) and each
+backend builds its index from the library (:attr:`Backend.build`).
+
+Every measurement of serving runs in a fresh process (``python -m bench.search serve``), one BLAS
+thread, as a web worker runs (README, Deployment), on the same query vectors: stored vectors of
+random library images plus noise (new images of known topics), fixed by the seed.
+
+- p50 warm: the median of the queries run a second time in one process; the note gives the
+  first round (a process that did not warm up, loading what each query touches).
+- first suggestion of a fresh process: one query per process, no warm-up, median over processes.
+- recall@50: the share of the 50 exact nearest neighbours (brute force over every float32
+  library vector) that the backend's ``search`` returns for the query.
+- top-5 tags identical: queries whose five first suggested tags (in order) are those of
+  ``exact-knn``, today's voting over exact neighbours.
+- memory: what the process's anonymous (private, unsharable) memory grew by from before the first
+  suggestion to after the last (``/proc/self/smaps_rollup``); file-backed pages, which every
+  process mapping the same index file shares through the page cache, are in the note.
+- rebuild: ``rebuild_clusters`` end to end plus the backend's index build.
+
+Backends: ``exact`` (today's default: the inverted file, 6 probes), ``exact-knn`` (the same code
+searching every list: the reference, 1.0 on the quality rows by definition), and the engines the
+issue's targets are about, ``pgvector`` and ``usearch``. Those print "not available" and count as
+missed until they are installed and registered in ``imagetags.search``; a new backend is one
+:class:`Backend` entry in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import DEFAULT_WORKDIR, PROJECT_ROOT, Context, Row, median
+
+DIM = 512
+K = 150
+NEIGHBOURS = 50
+ZIPF = 1.0
+COSINE = (0.5, 0.7)
+#: Queries per serving process, and fresh processes timing one first suggestion each.
+QUERIES = 200
+FRESH_PROCESSES = 5
+#: The reference every backend's neighbours and tags are compared with.
+REFERENCE = "exact-knn"
+TARGET = "12"  # the issue the targets are from (rows sort after issue 5's)
+
+
+def topics_for(n: int) -> int:
+    """Topic centres of the ``n``-image library: ~300 images a topic, 30 to 3,000."""
+    return min(3000, max(30, n // 300))
+
+
+def library_name(n: int) -> str:
+    return f"search-{n}x{DIM}"
+
+
+# --- backends ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    """A backend as a web process uses it: ``suggest(vector)`` → the suggested tag names, and
+    ``neighbours(vector, k)`` → the image ids its search returns (not timed)."""
+
+    suggest: Callable[[np.ndarray], list[str]]
+    neighbours: Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One vector-search backend in the benchmark.
+
+    ``missing()`` says why it cannot run here (None: it can). ``build()`` runs in a process
+    configured on the library after the rebuild and builds or saves the backend's index (returns
+    at least ``{"seconds": ...}``); ``serve()`` runs in a fresh web process and opens it.
+    ``settings`` are the IMAGETAGS keys both run with (``setup_django`` drops keys the app does
+    not know yet). ``targets``: whether the issue's targets apply (not to the references).
+    """
+
+    alias: str
+    description: str
+    missing: Callable[[], str | None]
+    build: Callable[[], dict[str, Any]]
+    serve: Callable[[], Served]
+    settings: dict[str, Any] = field(default_factory=dict)
+    targets: bool = True
+
+
+def _serve_exact() -> Served:
+    """Today's serving code: ``suggest()``, and the neighbours of its voting index's search."""
+    from imagetags.services.serving import serving_cache
+    from imagetags.services.suggest import active_cluster_set, suggest, vote_params
+
+    def tags(vector: np.ndarray) -> list[str]:
+        return [tag.name for tag in suggest(vector).tags]
+
+    def neighbours(vector: np.ndarray, k: int) -> np.ndarray:
+        index = serving_cache().voting_index(active_cluster_set())
+        ids, _sims = index.search.search(vector[None, :], k, vote_params().probes)
+        return ids[0]
+
+    return Served(tags, neighbours)
+
+
+def _nothing_to_build() -> dict[str, Any]:
+    # The exact backend has no index of its own: each web process reads the members it needs
+    # from the database on first use.
+    return {"seconds": 0.0}
+
+
+def _engine_missing(alias: str, module: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        from imagetags.search import base
+
+        try:
+            base.get_search_class(alias)
+        except ValueError:
+            return f"imagetags.search has no {alias!r} backend yet"
+        if importlib.util.find_spec(module) is None:
+            return f"the {module!r} package is not installed"
+        from imagetags.conf import DEFAULTS
+
+        if "SEARCH" not in DEFAULTS:
+            return (
+                f"the {alias!r} backend is in imagetags.search but not wired into serving yet "
+                "(no IMAGETAGS['SEARCH'] setting)"
+            )
+        return None
+
+    return missing
+
+
+def _not_written() -> Any:
+    raise RuntimeError("no benchmark entry for this backend yet: write its build() and serve()")
+
+
+BACKENDS: list[Backend] = [
+    Backend(
+        "exact",
+        "today's default: inverted file, PROBES 6",
+        lambda: None,
+        _nothing_to_build,
+        _serve_exact,
+        targets=False,
+    ),
+    Backend(
+        REFERENCE,
+        "exact k-NN: every list searched (the reference)",
+        lambda: None,
+        _nothing_to_build,
+        _serve_exact,
+        settings={"VOTING": {"PROBES": None}},
+        targets=False,
+    ),
+    Backend(
+        "pgvector",
+        "PostgreSQL + pgvector HNSW on halfvec",
+        _engine_missing("pgvector", "pgvector"),
+        _not_written,
+        _not_written,
+        settings={"SEARCH": "pgvector"},
+    ),
+    Backend(
+        "usearch",
+        "embedded HNSW file, memory-mapped",
+        _engine_missing("usearch", "usearch"),
+        _not_written,
+        _not_written,
+        settings={"SEARCH": "usearch"},
+    ),
+]
+
+
+def backend(alias: str) -> Backend:
+    return next(b for b in BACKENDS if b.alias == alias)
+
+
+# --- the parent: libraries, workers, rows ----------------------------------------------------
+
+
+def worker(ctx: Context, module: str, *args: str) -> dict[str, Any]:
+    """Run one step in a fresh process and return the JSON line it prints last."""
+    command = [sys.executable, "-m", module, *args, "--workdir", str(ctx.workdir)]
+    env = dict(os.environ)
+    # As a web worker should run (README, Deployment): one BLAS thread per process.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
+    done = subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prepare(ctx: Context, n: int, queries: int) -> dict[str, Any]:
+    """Populate (once), rebuild (once) and draw the queries (once) for the ``n``-image library."""
+    name = library_name(n)
+    populated = ctx.workdir / f"{name}.populated"
+    rebuilt = ctx.workdir / f"{name}.rebuilt"
+    truth = ctx.workdir / f"{name}-queries.npz"
+    if ctx.fresh or not populated.exists():
+        ctx.say(f"Populating a synthetic {n:,} × {DIM}-d library, {topics_for(n):,} topics.")
+        result = worker(
+            ctx,
+            "bench.rebuild_worker",
+            "populate",
+            *("--name", name, "--n", str(n), "--dim", str(DIM)),
+            *("--topics", str(topics_for(n)), "--zipf", str(ZIPF)),
+            *("--cosine", ",".join(map(str, COSINE))),
+        )
+        populated.write_text(json.dumps(result))
+        rebuilt.unlink(missing_ok=True)
+        truth.unlink(missing_ok=True)
+    if not rebuilt.exists():
+        ctx.say(f"Rebuilding {n:,} × {DIM}-d, K={K}.")
+        args = ("rebuild", "--name", name, "--dim", str(DIM), "--k", str(K))
+        rebuilt.write_text(json.dumps(worker(ctx, "bench.rebuild_worker", *args)))
+    if not truth.exists() or int(np.load(truth)["queries"].shape[0]) != queries:
+        ctx.say(f"Drawing {queries} queries and their exact neighbours at {n:,}.")
+        worker(ctx, "bench.search", "queries", "--name", name, "--queries", str(queries))
+    return {
+        "populate": json.loads(populated.read_text()),
+        "rebuild": json.loads(rebuilt.read_text()),
+    }
+
+
+def measure(ctx: Context, n: int, entry: Backend, fresh: int) -> dict[str, Any]:
+    """Every serving figure of one backend at one size (each in its own process)."""
+    name = library_name(n)
+    built = worker(ctx, "bench.search", "build", "--name", name, "--backend", entry.alias)
+    ctx.say(f"{entry.alias} at {n:,}: {QUERIES if not ctx.quick else 'fewer'} queries, warm.")
+    served = worker(ctx, "bench.search", "serve", "--name", name, "--backend", entry.alias)
+    firsts = []
+    for position in range(fresh):
+        ctx.say(f"{entry.alias} at {n:,}: first suggestion of fresh process {position + 1}.")
+        firsts.append(
+            worker(
+                ctx,
+                "bench.search",
+                "serve",
+                *("--name", name, "--backend", entry.alias, "--first", str(position)),
+            )["first_ms"]
+        )
+    return {"build": built, "serve": served, "first_ms": firsts}
+
+
+def rows_for(
+    n: int,
+    entry: Backend,
+    result: dict[str, Any] | None,
+    reference: dict[str, Any] | None,
+    truth: np.ndarray | None,
+    rebuild_seconds: float | None,
+    missing: str | None = None,
+) -> list[Row]:
+    """Issue 12's Targets rows for one backend at one size (``result`` None: not available)."""
+    goals = {
+        "p50": "<= 5",
+        "first": "<= 50",
+        "recall": ">= 0.95",
+        "top5": ">= 0.97",
+        "memory": "<= 100",
+        "rebuild": "<= 60",
+    }
+    if not entry.targets:
+        goals = dict.fromkeys(goals, "")
+    at = f"{entry.alias} at {n:,}"
+    names = {
+        "p50": f"suggest(vector) p50, warm, {at}",
+        "first": f"first suggest(vector) of a fresh process, no warm-up, {at}",
+        "recall": f"recall@{NEIGHBOURS} of the neighbours vs exact k-NN, {at}",
+        "top5": f"top-5 tags identical to {REFERENCE}, {at}",
+        "memory": f"memory a web process adds for search (anonymous, private), {at}",
+        "rebuild": f"rebuild end to end (rebuild_clusters + index), {at}",
+    }
+    units = {"p50": " ms", "first": " ms", "memory": " MB", "rebuild": " s"}
+    if result is None:
+        note = (
+            f"not available: {missing}; issue 12's targets are about pgvector and usearch, so "
+            "this counts as missed"
+        )
+        return [Row(TARGET, names[key], None, goals[key], note) for key in goals]
+    served = result["serve"]
+    firsts = result["first_ms"]
+    recall = recall_at(served["neighbours"], truth) if truth is not None else None
+    top5 = top5_sets = None
+    if reference is not None:
+        top5 = same_top(served["tags"], reference["serve"]["tags"], 5)
+        top5_sets = same_top(served["tags"], reference["serve"]["tags"], 5, ordered=False)
+    reference_note = "" if entry.targets else "the reference: targets apply to pgvector/usearch; "
+    memory = served["memory"]
+    total = (rebuild_seconds or 0.0) + result["build"]["seconds"]
+    return [
+        Row(
+            TARGET,
+            names["p50"],
+            served["warm_p50_ms"],
+            goals["p50"],
+            f"{reference_note}the same {served['queries']} queries again; first round (no "
+            f"warm-up) p50 {served['cold_p50_ms']:.2f} ms, p90 {served['cold_p90_ms']:.1f} ms; "
+            f"warm p90 {served['warm_p90_ms']:.2f} ms",
+            units["p50"],
+        ),
+        Row(
+            TARGET,
+            names["first"],
+            median(firsts) if firsts else None,
+            goals["first"],
+            f"{reference_note}median of {len(firsts)} fresh processes, one query each "
+            f"({min(firsts):.0f}–{max(firsts):.0f} ms); the warm run's own first call "
+            f"{served['first_ms']:.0f} ms"
+            if firsts
+            else "no fresh process run",
+            units["first"],
+        ),
+        Row(
+            TARGET,
+            names["recall"],
+            recall,
+            goals["recall"],
+            f"{reference_note}{served['queries']} queries; the {NEIGHBOURS} nearest by brute "
+            "force over every float32 vector",
+        ),
+        Row(
+            TARGET,
+            names["top5"],
+            top5,
+            goals["top5"],
+            f"{reference_note}same five first tags in the same order, {served['queries']} "
+            f"queries; as a set {top5_sets:.3f}"
+            if top5_sets is not None
+            else "no reference run",
+        ),
+        Row(
+            TARGET,
+            names["memory"],
+            memory["anonymous_mb"],
+            goals["memory"],
+            f"{reference_note}after all queries, over the process before its first suggestion "
+            f"({memory['before_rss_mb']:.0f} MB RSS): RSS +{memory['rss_mb']:.0f} MB, private "
+            f"+{memory['private_mb']:.0f}, shared +{memory['shared_mb']:.0f}, file-backed "
+            f"+{memory['file_mb']:.0f}, PSS +{memory['pss_mb']:.0f}",
+            units["memory"],
+        ),
+        Row(
+            TARGET,
+            names["rebuild"],
+            total if rebuild_seconds is not None else None,
+            goals["rebuild"],
+            f"{reference_note}rebuild_clusters K={K} {rebuild_seconds or 0:.1f} s + index "
+            f"build {result['build']['seconds']:.1f} s",
+            units["rebuild"],
+        ),
+    ]
+
+
+def recall_at(found: list[list[int]], truth: np.ndarray) -> float:
+    """Mean share of each query's true neighbours (rows of ``truth``) among those found."""
+    shares = [
+        len(set(row[: truth.shape[1]]) & set(true.tolist())) / truth.shape[1]
+        for row, true in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(shares))
+
+
+def same_top(
+    tags: list[list[str]], reference: list[list[str]], n: int, *, ordered: bool = True
+) -> float:
+    """Share of queries whose first ``n`` tags equal the reference's (in order, or as sets)."""
+    if ordered:
+        return float(np.mean([a[:n] == b[:n] for a, b in zip(tags, reference, strict=True)]))
+    return float(np.mean([set(a[:n]) == set(b[:n]) for a, b in zip(tags, reference, strict=True)]))
+
+
+def run(ctx: Context, sizes: list[int], only: list[str] | None = None) -> None:
+    """Measure every backend at every size and append the rows (``only``: these aliases, the
+    reference always included)."""
+    queries = 50 if ctx.quick else QUERIES
+    fresh = 2 if ctx.quick else FRESH_PROCESSES
+    entries = [b for b in BACKENDS if only is None or b.alias in only or b.alias == REFERENCE]
+    # The reference first: every other backend is compared with it.
+    entries.sort(key=lambda b: b.alias != REFERENCE)
+    for n in sizes:
+        started = time.perf_counter()
+        library = prepare(ctx, n, queries)
+        ctx.facts.setdefault("search_libraries", []).append({"n": n, **library})
+        truth = np.load(ctx.workdir / f"{library_name(n)}-queries.npz")["truth"]
+        reference = None
+        rows: list[Row] = []
+        for entry in entries:
+            missing = entry.missing()
+            if missing is not None:
+                ctx.say(f"{entry.alias} at {n:,}: not available ({missing}).")
+                rows += rows_for(n, entry, None, None, None, None, missing)
+                continue
+            # The reference's first suggestion (every cluster loaded) is not a target: one
+            # fresh process is enough to show it, and at 1,000,000 each costs half a minute.
+            result = measure(ctx, n, entry, 1 if entry.alias == REFERENCE else fresh)
+            if entry.alias == REFERENCE:
+                reference = result
+            ctx.facts.setdefault("search", []).append(
+                {"n": n, "backend": entry.alias, **_summary(result)}
+            )
+            rows += rows_for(n, entry, result, reference, truth, library["rebuild"]["seconds"])
+        ctx.rows.extend(rows)
+        ctx.say(f"Search benchmark at {n:,}: {time.perf_counter() - started:.0f} s.")
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What the JSON keeps of a result (not every query's neighbours)."""
+    served = {k: v for k, v in result["serve"].items() if k not in ("neighbours", "tags")}
+    return {"build": result["build"], "serve": served, "first_ms": result["first_ms"]}
+
+
+# --- the workers -----------------------------------------------------------------------------
+
+
+def _setup(workdir: Path, name: str, entry: Backend | None = None) -> None:
+    from bench.common import setup_django
+    from bench.rebuild_worker import extractor_config
+    from imagetags.conf import DEFAULTS
+
+    settings = {"EXTRACTOR": extractor_config(DIM), "AUTO_FEATURES": False}
+    if entry is not None:
+        unknown = set(entry.settings) - set(DEFAULTS)
+        if unknown:
+            # setup_django drops keys the app does not know: the backend would silently be
+            # measured as today's default.
+            raise RuntimeError(
+                f"{entry.alias}: IMAGETAGS has no {', '.join(sorted(unknown))} setting yet."
+            )
+        settings.update(entry.settings)
+    setup_django(workdir, name, settings, fresh_db=False)
+
+
+def draw_queries(workdir: Path, name: str, queries: int, seed: int) -> dict[str, Any]:
+    """Query vectors (random library images plus noise: cosine ~0.75 to their source) and
+    their exact nearest neighbours, by brute force over every float32 library vector."""
+    _setup(workdir, name)
+    from imagetags.services import store, vectors
+    from imagetags.services.extractors import get_extractor
+
+    started = time.perf_counter()
+    library = store.read_library_vectors(get_extractor().key)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(library.vectors.shape[0], queries, replace=False)
+    noise = rng.normal(scale=0.9 / np.sqrt(DIM), size=(queries, DIM)).astype(np.float32)
+    matrix = vectors.l2_normalize(library.vectors[picks] + noise)
+    best_ids = np.empty((queries, 0), dtype=np.int64)
+    best_sims = np.empty((queries, 0), dtype=np.float32)
+    for start in range(0, library.vectors.shape[0], 100_000):
+        part = library.vectors[start : start + 100_000]
+        sims = np.concatenate([best_sims, matrix @ part.T], axis=1)
+        ids = np.concatenate(
+            [
+                best_ids,
+                np.broadcast_to(library.image_ids[start : start + 100_000], (queries, len(part))),
+            ],
+            axis=1,
+        )
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :NEIGHBOURS]
+        best_sims = np.take_along_axis(sims, order, axis=1)
+        best_ids = np.take_along_axis(ids, order, axis=1)
+    np.savez(workdir / f"{name}-queries.npz", queries=matrix, truth=best_ids, sims=best_sims)
+    return {"queries": queries, "seconds": time.perf_counter() - started}
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory by kind (``/proc/self/smaps_rollup``), in MB."""
+    fields: dict[str, float] = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[-1] == "kB":
+            fields[key.strip()] = int(parts[0]) / 1024
+    return {
+        "rss_mb": fields.get("Rss", 0.0),
+        "pss_mb": fields.get("Pss", 0.0),
+        "private_mb": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0),
+        "shared_mb": fields.get("Shared_Clean", 0.0) + fields.get("Shared_Dirty", 0.0),
+        "anonymous_mb": fields.get("Anonymous", 0.0),
+        "file_mb": fields.get("Rss", 0.0) - fields.get("Anonymous", 0.0),
+    }
+
+
+def serve(workdir: Path, name: str, alias: str, first: int | None) -> dict[str, Any]:
+    """Time ``suggest(vector)`` through one backend in this (fresh) process.
+
+    With ``first``, only query number ``first`` runs: the first suggestion of a process that did
+    not warm up. Otherwise every query runs twice (first round, then warm), then the neighbours
+    and the tags of each are recorded, untimed."""
+    entry = backend(alias)
+    _setup(workdir, name, entry)
+    import imagetags.services.suggest  # noqa: F401 - imported before the baseline, as a web process has
+
+    queries = np.load(workdir / f"{name}-queries.npz")["queries"]
+    served = entry.serve()
+    before = memory_mb()
+    if first is not None:
+        started = time.perf_counter()
+        served.suggest(queries[first])
+        return {"first_ms": 1000 * (time.perf_counter() - started)}
+    started = time.perf_counter()
+    served.suggest(queries[0])
+    first_ms = 1000 * (time.perf_counter() - started)
+    rounds: list[list[float]] = []
+    for _round in range(2):
+        times = []
+        for vector in queries[1:]:
+            started = time.perf_counter()
+            served.suggest(vector)
+            times.append(1000 * (time.perf_counter() - started))
+        rounds.append(times)
+    after = memory_mb()
+    tags = [served.suggest(vector)[:5] for vector in queries]
+    neighbours = [served.neighbours(vector, NEIGHBOURS).tolist() for vector in queries]
+    return {
+        "backend": alias,
+        "queries": int(queries.shape[0]),
+        "first_ms": first_ms,
+        "cold_p50_ms": float(np.percentile(rounds[0], 50)),
+        "cold_p90_ms": float(np.percentile(rounds[0], 90)),
+        "warm_p50_ms": float(np.percentile(rounds[1], 50)),
+        "warm_p90_ms": float(np.percentile(rounds[1], 90)),
+        "memory": {
+            **{key: after[key] - before[key] for key in after},
+            "before_rss_mb": before["rss_mb"],
+        },
+        "tags": tags,
+        "neighbours": neighbours,
+    }
+
+
+def build(workdir: Path, name: str, alias: str) -> dict[str, Any]:
+    entry = backend(alias)
+    _setup(workdir, name, entry)
+    started = time.perf_counter()
+    result = entry.build()
+    return {**result, "wall_seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="One step of the search benchmark.")
+    parser.add_argument("step", choices=["queries", "build", "serve"])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--backend", default="exact")
+    parser.add_argument("--queries", type=int, default=QUERIES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--first", type=int, default=None, help="serve: time only this query, first in process"
+    )
+    args = parser.parse_args()
+    if args.step == "queries":
+        result = draw_queries(args.workdir, args.name, args.queries, args.seed)
+    elif args.step == "build":
+        result = build(args.workdir, args.name, args.backend)
+    else:
+        result = serve(args.workdir, args.name, args.backend, args.first)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

