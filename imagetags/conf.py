@@ -54,6 +54,11 @@ DEFAULTS: dict[str, Any] = {
     # How suggest() ranks tags: "ivf" (neighbour voting over the members of the nearest clusters,
     # the measured best, docs/quality.md) or "cluster" (the patent: the nearest cluster's tags).
     "SUGGEST_METHOD": "ivf",
+    # The engine that finds a query's neighbours for "ivf" (docs/deployment.md, "Vector search
+    # backends"): "exact" (each process reads the members it needs into memory), "pgvector" (an
+    # HNSW index in PostgreSQL; OPTIONS: DATABASE, the alias holding the models) or "usearch" (an
+    # HNSW file per cluster set, memory-mapped by every process; OPTIONS: PATH, a local directory).
+    "SEARCH": {"BACKEND": "exact", "OPTIONS": {}},
     # Neighbour voting ("ivf"): how many distinct voters, similarity weighting exp((s - s_top) / T)
     # (None: equal votes), one vote per "post" or per "owner" (uploader), how much of a tag's
     # library-wide share is subtracted (0 = none, 1 = TagVote's full prior), and how many nearest

@@ -183,6 +183,15 @@ class ExactSearch(VectorSearch):
     def __len__(self) -> int:
         return sum(int(ids.shape[0]) for ids in self._ids.values())
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` is held in a loaded list (a bool array like ``ids``)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            held = [i for i in self._ids.values() if i.shape[0]]
+        if not held:
+            return np.zeros(ids.shape[0], dtype=bool)
+        return np.isin(ids, np.concatenate(held))
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the loaded lists (vectors and ids)."""

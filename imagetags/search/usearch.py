@@ -164,6 +164,22 @@ class UsearchSearch(VectorSearch):
     def __len__(self) -> int:
         return len(self._index)
 
+    def keys(self) -> np.ndarray:
+        """Every id held, ascending."""
+        with self._lock:
+            return np.sort(np.asarray(self._index.keys, dtype=np.int64))
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` is held (a bool array like ``ids``)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.shape[0] == 0:
+            return np.zeros(0, dtype=bool)
+        held = np.zeros(ids.shape[0], dtype=bool)
+        valid = ids >= 0
+        with self._lock:
+            held[valid] = np.asarray(self._index.contains(ids[valid].astype(np.uint64))).reshape(-1)
+        return held
+
     @property
     def nbytes(self) -> int:
         """Bytes the index takes (mapped pages included, for a view)."""

@@ -20,7 +20,7 @@ from imagetags.models import (
     FeatureStatus,
     StockImage,
 )
-from imagetags.services import vectors
+from imagetags.services import engines, vectors
 from imagetags.services.frequencies import add_posts_to_clusters
 from imagetags.services.store import read_centers
 
@@ -54,6 +54,7 @@ def assign_to_active_set(images: Iterable[StockImage]) -> int:
         (image.vector for image in candidates.values()), active.dim, count=len(candidates)
     )
     labels, sims = kmeans.nearest_centers(matrix, centers)
+    position = {pk: n for n, pk in enumerate(candidates)}
     placed = {
         pk: (cluster_ids[int(label)], float(sim))
         for pk, label, sim in zip(candidates, labels, sims, strict=True)
@@ -96,5 +97,9 @@ def assign_to_active_set(images: Iterable[StockImage]) -> int:
             if (cluster_id, post_id) not in seen:
                 new_posts[cluster_id].add(post_id)
         add_posts_to_clusters(sizes, new_posts)
+        # pgvector: the rows commit with the memberships, so the images vote once committed.
+        engines.add_members(active, new, matrix[[position[pk] for pk in new]])
         ClusterSet.objects.filter(pk=active.pk).update(n_images=F("n_images") + len(new))
+        # usearch: a newer file once enough members are newer than the served one.
+        transaction.on_commit(lambda: engines.save_new_members(active))
     return len(new)

@@ -11,3 +11,10 @@ from __future__ import annotations
 
 class ClusteringError(Exception):
     """A rebuild cannot go ahead. The message tells the person what to do."""
+
+
+class SuggestionUnavailable(Exception):
+    """Suggestions cannot be made right now; the message says why and what fixes it.
+
+    Here, below serving, so that the search engines' errors (``services.engines``) can be
+    ones; ``services.suggest`` re-exports it, where callers catch it."""

@@ -49,8 +49,9 @@ from imagetags.models import (
     StockImage,
     Tag,
 )
+from imagetags.search.base import VectorSearch
 from imagetags.search.exact import ExactSearch
-from imagetags.services import vectors
+from imagetags.services import engines, vectors
 from imagetags.services.store import IDS_PER_QUERY
 
 # Columns read for each member: enough to vote without touching the post again.
@@ -94,8 +95,9 @@ class Neighbours:
     similarities: np.ndarray
     voters: list[Hashable]
     tag_sets: list[frozenset[str]]  # read by this query: tags edited a moment ago count
-    probes: int  # clusters searched
-    searched: int  # member vectors compared
+    probes: int  # clusters searched (0: an engine searched the whole set)
+    searched: int  # member vectors compared (an engine: most candidates it may return)
+    engine: str = "exact"  # IMAGETAGS["SEARCH"]'s backend that found them
 
 
 class VotingIndex:
@@ -279,24 +281,18 @@ class VotingIndex:
         """Neighbour voting (``core.voting.vote``, as the evaluation runs it) among the members
         of the ``params.probes`` nearest clusters (all when ``probes`` is None): the ranked tags
         and the images that voted, with the counted tags of their posts read now."""
-        if self.preload:
-            self.search.load(range(len(self.cluster_ids)))
-        probed = self.search.probe(query, params.probes)
-        self.search.load(probed.tolist())  # before counting the candidates they hold
-        searched = sum(self.search.list_size(int(p)) for p in probed)
+        search, probes, searched = self._finder(query, params)
         # image -> (post, owner) of the candidates that still exist (one loaded into the index
         # may have been deleted since: it does not vote).
         found: dict[int, tuple[int, str | None]] = {}
         checked: set[int] = set()
 
         def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
-            ids, sims = self.search.search_lists(query, n, probed)
+            ids, sims = search(n)
             listed = ids.tolist()
             unknown = [pk for pk in listed if pk not in checked]
-            existing = _existing_images(unknown)
+            found.update(self._alive(unknown))
             checked.update(unknown)
-            alive = [pk for pk in unknown if pk in existing]
-            found.update(zip(alive, self.members.lookup(alive), strict=True))
             keep = np.fromiter((pk in found for pk in listed), bool, len(listed))
             return ids[keep], sims[keep]
 
@@ -331,10 +327,32 @@ class VotingIndex:
             similarities=voters.similarities,
             voters=voters.voters,
             tag_sets=voters.tag_sets,  # type: ignore[arg-type]  # tag names
-            probes=int(probed.shape[0]),
+            probes=probes,
             searched=searched,
+            engine=getattr(self, "backend", "exact"),
         )
         return ranked, neighbours
+
+    def _finder(
+        self, query: np.ndarray, params: voting.VoteParams
+    ) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int, int]:
+        """(the ``n`` nearest candidates of ``query``, clusters probed, vectors compared)."""
+        if self.preload:
+            self.search.load(range(len(self.cluster_ids)))
+        probed = self.search.probe(query, params.probes)
+        self.search.load(probed.tolist())  # before counting the candidates they hold
+        searched = sum(self.search.list_size(int(p)) for p in probed)
+        return (
+            lambda n: self.search.search_lists(query, n, probed),
+            int(probed.shape[0]),
+            searched,
+        )
+
+    def _alive(self, image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
+        """(post, owner) of those of these candidates that still exist."""
+        existing = _existing_images(image_ids)
+        alive = [pk for pk in image_ids if pk in existing]
+        return dict(zip(alive, self.members.lookup(alive), strict=True))
 
     def neighbours(self, query: np.ndarray, params: voting.VoteParams) -> Neighbours:
         """The images of the ``params.neighbours`` nearest voters (see :meth:`vote`)."""
@@ -407,6 +425,148 @@ class VotingIndex:
     def nbytes(self) -> int:
         """Bytes held by the loaded clusters (vectors, ids, posts, owners)."""
         return self.search.nbytes + self.members.nbytes
+
+
+class EngineVotingIndex(VotingIndex):
+    """Neighbour voting whose candidates come from a search engine (``IMAGETAGS["SEARCH"]``:
+    pgvector or usearch, ``services.engines``) over the whole set, not from clusters read into
+    this process. Voting, priors and the checks that candidates still exist are the base
+    class's; what this process holds is the engine's handle and, for usearch, the members newer
+    than the mapped file (a small exact search, filled from the database)."""
+
+    #: Most candidates one query asks an engine for when the first ``4 × NEIGHBOURS`` do not
+    #: hold enough distinct voters (the exact index then searches all it holds).
+    max_candidates = 2000
+
+    def __init__(
+        self, cluster_set: ClusterSet, centers: np.ndarray, cluster_ids: Sequence[int]
+    ) -> None:
+        super().__init__(cluster_set, centers, cluster_ids)
+        self.preload = False
+        self.backend = engines.search_setting().backend
+        self.file: engines.IndexFile | None = None
+        self.newer: ExactSearch | None = None  # usearch: members newer than the file
+        self.engine: VectorSearch
+        if self.backend == "pgvector":
+            self.engine = engines.open_pgvector(cluster_set)
+        else:
+            self._open_newest_file(cluster_set)
+        key = cluster_set.extractor_key
+        self._alive_rows = _CompiledIn(
+            lambda ids: (
+                StockImage.objects.filter(
+                    pk__in=ids, feature_status=FeatureStatus.READY, extractor_key=key
+                )
+                .order_by()
+                .values_list("pk", "post_id", "post__owner_id", "post__external_owner")
+            ),
+            StockImage,
+        )
+        self._cluster_set = cluster_set
+
+    def _open_newest_file(self, cluster_set: ClusterSet) -> None:
+        self.engine, self.file = engines.open_usearch(cluster_set)
+        # Members the file does not hold yet: those above its watermark, and those just below
+        # it that committed late (engines.RECHECK_KEYS), read into an exact search of one list.
+        self.newer = ExactSearch(np.zeros((1, self.dim), dtype=np.float32))
+        self._newer_watermark = self.file.watermark - engines.RECHECK_KEYS
+        self._add_newer()
+
+    def _add_newer(self) -> int:
+        rows = [
+            row
+            for row in ClusterMembership.objects.filter(
+                cluster_set_id=self.cluster_set_id, pk__gt=self._newer_watermark
+            )
+            .order_by("pk")
+            .values_list(*_NEW_MEMBER_FIELDS)
+            .iterator(chunk_size=2000)
+            if self._usable(row)
+        ]
+        if not rows:
+            return 0
+        self._newer_watermark = max(row[3] for row in rows)
+        ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
+        assert self.newer is not None
+        fresh = ~self.engine.contains(ids) & ~self.newer.contains(ids)  # type: ignore[attr-defined]  # usearch
+        if fresh.any():
+            keep = [row for row, new in zip(rows, fresh.tolist(), strict=True) if new]
+            matrix = vectors.stack([row[2] for row in keep], self.dim, count=len(keep))
+            self.newer.add(ids[fresh], matrix, np.zeros(len(keep), dtype=np.int64))
+        return int(fresh.sum())
+
+    def refresh(self) -> int:
+        """Take in what the worker added since the last look: for usearch, a newer file of the
+        set (reopened) or the newer members (read from the database); pgvector's table already
+        holds every committed member."""
+        with self._lock:
+            assigned = self._assigned_count()
+            if assigned == self._assigned:
+                return 0
+            added = assigned - self._assigned
+            if self.backend == "usearch":
+                newest = engines.index_files(self._cluster_set)
+                if newest and self.file is not None and newest[0].watermark > self.file.watermark:
+                    self._open_newest_file(self._cluster_set)
+                else:
+                    self._add_newer()
+            self._assigned = assigned
+            self._added += max(0, added)
+            if self._added - self._priors_added > max(10, 0.01 * self._size):
+                self._priors.clear()
+            return max(0, added)
+
+    def _finder(
+        self, query: np.ndarray, params: voting.VoteParams
+    ) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int, int]:
+        held = self._size + self._added
+
+        def search(n: int) -> tuple[np.ndarray, np.ndarray]:
+            n = min(n, self.max_candidates)
+            ids, sims = self.engine.search(query[None, :], n)
+            ids, sims = ids[0], sims[0]
+            newer = self.newer
+            if newer is not None and len(newer):
+                more_ids, more_sims = newer.search(query[None, :], n, None)
+                ids, sims = np.concatenate([ids, more_ids[0]]), np.concatenate([sims, more_sims[0]])
+            valid = ids >= 0
+            ids, sims = ids[valid], sims[valid]
+            # Most similar first, ties by id (as ExactSearch), one row per id.
+            order = np.lexsort((ids, -sims))
+            ids, sims = ids[order], sims[order]
+            _unique, first = np.unique(ids, return_index=True)
+            first.sort()
+            return ids[first][:n], sims[first][:n]
+
+        return search, 0, min(held, self.max_candidates)
+
+    def _alive(self, image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
+        return {
+            pk: (post_id, owner_key(owner_id, external))
+            for pk, post_id, owner_id, external in self._alive_rows.rows(
+                list(dict.fromkeys(image_ids))
+            )
+        }
+
+    def load_all(self, vote_by: str) -> None:
+        self._alive_rows.prepare()
+        _POST_TAGS.prepare()
+        self.priors(vote_by)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this process holds for search: the newer members (the mapped file's pages are
+        shared, pgvector's are the server's)."""
+        return 0 if self.newer is None else self.newer.nbytes
+
+
+def voting_index(
+    cluster_set: ClusterSet, centers: np.ndarray, cluster_ids: Sequence[int]
+) -> VotingIndex:
+    """The voting index of ``IMAGETAGS["SEARCH"]``'s backend for ``cluster_set``."""
+    if engines.uses_engine():
+        return EngineVotingIndex(cluster_set, centers, cluster_ids)
+    return VotingIndex(cluster_set, centers, cluster_ids)
 
 
 class _Members:

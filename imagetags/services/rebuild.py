@@ -29,7 +29,7 @@ from imagetags.models import (
     StockImage,
     TagFrequency,
 )
-from imagetags.services import vectors
+from imagetags.services import engines, vectors
 from imagetags.services.assign import assign_to_active_set
 from imagetags.services.errors import ClusteringError
 from imagetags.services.extractors import get_extractor
@@ -272,6 +272,8 @@ def _rebuild_clusters(
                 "progress_message",
             ]
         )
+        # The engine holds the new members before any process can serve the set.
+        engines.publish(cluster_set, ClusterSet.objects.active(), say)
         cluster_set.activate()
     except Exception as exc:
         ClusterSet.objects.filter(pk=cluster_set.pk).update(
@@ -281,6 +283,7 @@ def _rebuild_clusters(
         if isinstance(exc, ValueError):
             raise ClusteringError(str(exc)) from exc
         raise
+    engines.after_activation(cluster_set)
     # Tags changed while we were clustering were recounted in the set active then, not here.
     recount_changed_since(tags_read)
     # Images that got vectors while we were clustering are not members yet.

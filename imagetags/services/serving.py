@@ -16,7 +16,7 @@ from django.db import connections, router
 
 from imagetags.models import ClusterSet, ClusterSetStatus
 from imagetags.services import store
-from imagetags.services.index import VotingIndex
+from imagetags.services.index import VotingIndex, voting_index
 
 #: The methods ``suggest()`` serves; the offline evaluation adds its baselines to these.
 METHODS = ("ivf", "cluster")
@@ -87,7 +87,7 @@ class ServingCache:
         with self._lock:
             cached = self._index
             if cached is None or cached[0] != version:
-                cached = self._index = (version, VotingIndex(cluster_set, centers, cluster_ids))
+                cached = self._index = (version, voting_index(cluster_set, centers, cluster_ids))
         index = cached[1]
         index.refresh()
         return index

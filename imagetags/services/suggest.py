@@ -32,15 +32,12 @@ from imagetags.models import (
     normalize_tag_name,
 )
 from imagetags.services import vectors
+from imagetags.services.errors import SuggestionUnavailable
 from imagetags.services.extractors import get_extractor
 from imagetags.services.extractors import warm_up as warm_up_extractor
 from imagetags.services.serving import METHODS, serving_cache
 
 logger = logging.getLogger(__name__)
-
-
-class SuggestionUnavailable(Exception):
-    """Suggestions cannot be made right now; the message says why and what fixes it."""
 
 
 class NoActiveClusters(SuggestionUnavailable):
@@ -262,6 +259,9 @@ def _suggest_by_votes(
         notes=[
             f"{found.image_ids.shape[0]} neighbours from {found.searched} images in the "
             f"{found.probes} nearest clusters"
+            if found.engine == "exact"
+            else f"{found.image_ids.shape[0]} nearest neighbours found by the {found.engine} "
+            "search over the whole library"
         ],
         method="ivf",
     )

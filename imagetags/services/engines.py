@@ -1,0 +1,398 @@
+"""The vector-search engine that finds a query's neighbours, chosen by ``IMAGETAGS["SEARCH"]``.
+
+Whatever the engine, what it holds is the same: the vectors of the active cluster set's members,
+and the voting, priors, evidence and freshness rules above it (``services.index``, ``core.voting``)
+do not change. Three backends (``imagetags.search``):
+
+``exact`` (the default)
+    Each web process reads the members it needs from the database into an inverted file in its
+    own memory (``VotingIndex``). Nothing to build: the reference the others are measured against.
+
+``pgvector``
+    One table per extractor key and dimension (``search.pgvector.table_name``) in the database
+    ``OPTIONS["DATABASE"]`` (the one holding the models: the table is written in the same
+    transaction as the memberships), with an HNSW index. The rebuild brings the table in step
+    with the new set (only the images that joined or left; the first rebuild loads every member
+    by COPY, then builds the index), and ``assign_to_active_set`` inserts each new member in the
+    transaction that creates its membership, so a new image votes as soon as it is committed.
+    A deleted image's row stays until the next rebuild; no query returns it as a voter
+    (``VotingIndex`` checks that every candidate still exists).
+
+``usearch``
+    One HNSW file per cluster set in the directory ``OPTIONS["PATH"]`` (local disk, shared by the
+    web and worker processes of one machine), named ``set-<set>-<created>-<watermark>.usearch``:
+    the file holds the set's members up to membership key ``watermark``. The rebuild writes it
+    before it activates the set (starting from the previous set's file: the vectors of an image
+    do not change between sets, only who is in), web processes map it read-only (every process of
+    the machine shares one copy in the page cache), and members newer than the file are read
+    from the database into a small exact search until the worker saves a newer file
+    (:func:`save_new_members`, after an assignment once enough members have arrived). Old files
+    are deleted by the worker; a process that still maps one keeps it until it reopens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
+
+from imagetags.conf import imagetags_settings
+from imagetags.models import ClusterMembership, ClusterSet, FeatureStatus
+from imagetags.search import get_search_class, search_aliases
+from imagetags.search.base import SearchIndexError, VectorSearch
+from imagetags.search.pgvector import PgvectorSearch, table_name
+from imagetags.search.usearch import UsearchSearch
+from imagetags.services import store
+from imagetags.services.errors import SuggestionUnavailable
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+#: ``save_new_members`` writes a new file once this many members (or this share of the set,
+#: whichever is more) are newer than the served one: below it, reading them from the database
+#: into each process costs less than writing the whole file again.
+RESAVE_AFTER = 1000
+RESAVE_SHARE = 0.01
+_FILE = re.compile(r"set-(?P<set>\d+)-(?P<created>\d+)-(?P<watermark>\d+)\.usearch")
+
+
+class SearchIndexUnavailable(SuggestionUnavailable):
+    """The configured engine has no index for the active set (a missing or unreadable file, a
+    missing table): suggestions say so, and how to build it, instead of failing."""
+
+
+@dataclass(frozen=True)
+class SearchSetting:
+    backend: str  # an alias of imagetags.search
+    options: dict[str, Any]
+
+
+def search_setting() -> SearchSetting:
+    """``IMAGETAGS["SEARCH"]``, checked: a known backend whose package is installed."""
+    value = imagetags_settings.SEARCH
+    backend = value.get("BACKEND", "exact") if isinstance(value, dict) else None
+    options = value.get("OPTIONS") or {} if isinstance(value, dict) else None
+    if backend not in search_aliases() or not isinstance(options, dict):
+        raise ImproperlyConfigured(
+            f"IMAGETAGS['SEARCH'] is {value!r}: it must be a dict with a BACKEND among "
+            f"{', '.join(search_aliases())} and a dict of OPTIONS."
+        )
+    missing = get_search_class(backend).missing_requirement()
+    if missing:
+        raise ImproperlyConfigured(missing)
+    if backend == "usearch" and not options.get("PATH"):
+        raise ImproperlyConfigured(
+            "IMAGETAGS['SEARCH']['OPTIONS']['PATH'] must name a local directory for the usearch "
+            "index files, shared by the web and worker processes of this machine."
+        )
+    return SearchSetting(backend, options)
+
+
+def uses_engine() -> bool:
+    """Whether neighbours come from an engine (pgvector, usearch) rather than ``exact``."""
+    return search_setting().backend != "exact"
+
+
+# --- pgvector ---------------------------------------------------------------------------------
+
+
+def _database() -> str:
+    return search_setting().options.get("DATABASE", "default")
+
+
+def _connect(alias: str) -> Callable[[], Any]:
+    def connect() -> Any:
+        # The thread's Django connection: the engine's statements join its transaction.
+        connection = connections[alias]
+        connection.ensure_connection()
+        return connection.connection
+
+    return connect
+
+
+def pgvector_table(cluster_set: ClusterSet) -> PgvectorSearch:
+    """The pgvector table of the set's extractor (which may not exist yet)."""
+    return PgvectorSearch(
+        _connect(_database()),
+        table_name(cluster_set.extractor_key, cluster_set.dim),
+        cluster_set.dim,
+    )
+
+
+def _table_exists(search: PgvectorSearch) -> bool:
+    with connections[_database()].cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [search.table])
+        return bool(cursor.fetchone()[0])
+
+
+def open_pgvector(cluster_set: ClusterSet) -> PgvectorSearch:
+    search = pgvector_table(cluster_set)
+    if not _table_exists(search):
+        raise SearchIndexUnavailable(
+            f"The pgvector table {search.table} of the active clusters does not exist yet. "
+            "Run `manage.py rebuild_clusters`, which builds it."
+        )
+    return search
+
+
+# --- usearch files ----------------------------------------------------------------------------
+
+
+def index_directory() -> Path:
+    return Path(search_setting().options["PATH"])
+
+
+def _created(cluster_set: ClusterSet) -> int:
+    # In the name so that a file of a set whose key a restored database gave again is not used.
+    return int(cluster_set.created.timestamp() * 1_000_000)
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    path: Path
+    watermark: int  # the file holds the set's members up to this membership key
+
+
+def index_files(cluster_set: ClusterSet) -> list[IndexFile]:
+    """The set's index files, newest (highest watermark) first."""
+    directory = index_directory()
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = _FILE.fullmatch(name)
+        if (
+            match
+            and int(match["set"]) == cluster_set.pk
+            and int(match["created"]) == _created(cluster_set)
+        ):
+            found.append(IndexFile(directory / name, int(match["watermark"])))
+    return sorted(found, key=lambda f: f.watermark, reverse=True)
+
+
+def newest_index_file(cluster_set: ClusterSet) -> IndexFile:
+    files = index_files(cluster_set)
+    if not files:
+        raise SearchIndexUnavailable(
+            f"No usearch index file for the active cluster set {cluster_set.pk} in "
+            f"{index_directory()}. Run `manage.py rebuild_clusters`, which writes it."
+        )
+    return files[0]
+
+
+def open_usearch(cluster_set: ClusterSet) -> tuple[UsearchSearch, IndexFile]:
+    """The set's newest file, memory-mapped read-only."""
+    newest = newest_index_file(cluster_set)
+    try:
+        return UsearchSearch.open(newest.path, view=True), newest
+    except SearchIndexError as error:
+        raise SearchIndexUnavailable(
+            f"{error} Run `manage.py rebuild_clusters` to write a new one."
+        ) from error
+
+
+def _file_name(cluster_set: ClusterSet, watermark: int) -> Path:
+    return index_directory() / f"set-{cluster_set.pk}-{_created(cluster_set)}-{watermark}.usearch"
+
+
+def _newest_membership(cluster_set: ClusterSet) -> int:
+    newest = (
+        ClusterMembership.objects.filter(cluster_set=cluster_set)
+        .order_by("-pk")
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return newest or 0
+
+
+def _member_vectors(
+    cluster_set: ClusterSet, image_ids: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of some members, in chunks a read can hold."""
+    step = store.rows_per_read(cluster_set.dim)
+    for start in range(0, len(image_ids), step):
+        yield store.read_vectors_by_id(
+            cluster_set.extractor_key, np.sort(image_ids[start : start + step]), cluster_set.dim
+        )
+
+
+def _member_ids(cluster_set: ClusterSet, **filters: Any) -> np.ndarray:
+    return np.fromiter(
+        ClusterMembership.objects.filter(
+            cluster_set=cluster_set,
+            image__feature_status=FeatureStatus.READY,
+            image__extractor_key=cluster_set.extractor_key,
+            **filters,
+        )
+        .order_by()
+        .values_list("image_id", flat=True)
+        .iterator(chunk_size=10_000),
+        dtype=np.int64,
+    )
+
+
+def _fill(search: VectorSearch, cluster_set: ClusterSet, ids: np.ndarray, say: Progress) -> None:
+    done = 0
+    for found, matrix in _member_vectors(cluster_set, ids):
+        search.add(found, matrix, np.zeros(len(found), dtype=np.int64))
+        done += len(found)
+        if len(ids) >= 50_000:
+            say(f"Search index: {done}/{len(ids)} vectors added.")
+
+
+# --- the worker's side: build, keep in step -------------------------------------------------------
+
+
+def publish(
+    cluster_set: ClusterSet, previous: ClusterSet | None, progress: Progress | None
+) -> None:
+    """Bring the engine in step with ``cluster_set``'s members before it is activated (the
+    rebuild calls this once the members are written): only the images that joined or left
+    since ``previous`` (the set active until now) when its index can be reused."""
+    setting = search_setting()
+    say = progress or (lambda message: None)
+    if setting.backend == "pgvector":
+        _publish_pgvector(cluster_set, say)
+    elif setting.backend == "usearch":
+        _publish_usearch(cluster_set, previous, say)
+
+
+def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
+    search = pgvector_table(cluster_set)
+    members = _member_ids(cluster_set)
+    if not _table_exists(search):
+        say(f"Search index: loading {len(members)} vectors into {search.table} (pgvector).")
+        search = PgvectorSearch.create(search.connect, search.table, cluster_set.dim)
+        _fill(search, cluster_set, members, say)
+        say("Search index: building the HNSW index.")
+        search.build_index()
+        return
+    with connections[_database()].cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {search.table}")
+        held = np.fromiter((row[0] for row in cursor.fetchall()), dtype=np.int64)
+    leaving = np.setdiff1d(held, members, assume_unique=True)
+    joining = np.setdiff1d(members, held, assume_unique=True)
+    if len(leaving):
+        search.remove(leaving)
+    _fill(search, cluster_set, joining, say)
+    say(f"Search index: {len(joining)} vectors added, {len(leaving)} removed ({search.table}).")
+
+
+def _publish_usearch(cluster_set: ClusterSet, previous: ClusterSet | None, say: Progress) -> None:
+    index_directory().mkdir(parents=True, exist_ok=True)
+    watermark = _newest_membership(cluster_set)
+    members = _member_ids(cluster_set)
+    search: UsearchSearch | None = None
+    reused = previous is not None and previous.extractor_key == cluster_set.extractor_key
+    if reused:
+        try:
+            search = UsearchSearch.open(newest_index_file(previous).path, view=False)
+        except (SearchIndexUnavailable, SearchIndexError) as error:
+            say(f"Search index: the previous set's file cannot be reused ({error}); building anew.")
+    if search is None or search.dim != cluster_set.dim:
+        search = UsearchSearch(cluster_set.dim)
+    held = np.asarray(search.keys(), dtype=np.int64)
+    leaving = np.setdiff1d(held, members)
+    joining = np.setdiff1d(members, held)
+    search.remove(leaving)
+    _fill(search, cluster_set, joining, say)
+    search.save(_file_name(cluster_set, watermark))
+    say(
+        f"Search index: {len(search)} vectors in {_file_name(cluster_set, watermark).name} "
+        f"({len(joining)} added, {len(leaving)} removed)."
+    )
+
+
+def add_members(cluster_set: ClusterSet, image_ids: list[int], matrix: np.ndarray) -> None:
+    """New members of the active set (``assign_to_active_set``, inside its transaction):
+    pgvector inserts them in that transaction; usearch reads them from the database until the
+    next file (:func:`save_new_members`)."""
+    if search_setting().backend != "pgvector":
+        return
+    search = open_pgvector(cluster_set)
+    ids = np.asarray(image_ids, dtype=np.int64)
+    search.remove(ids)  # a row left by an image's earlier membership gets the new vector
+    search.add(ids, matrix, np.zeros(len(ids), dtype=np.int64))
+
+
+def save_new_members(cluster_set: ClusterSet, *, force: bool = False) -> IndexFile | None:
+    """usearch: write a newer file of the set once enough members are newer than the served
+    one (``force``: whatever their number), and delete the older files. One worker at a time
+    (an advisory lock); returns the new file, or None when nothing was written."""
+    if search_setting().backend != "usearch":
+        return None
+    with _directory_lock() as acquired:
+        if not acquired:
+            return None  # another worker of this machine is writing one
+        try:
+            newest = newest_index_file(cluster_set)
+        except SearchIndexUnavailable:
+            return None  # the rebuild writes the first one
+        watermark = _newest_membership(cluster_set)
+        newer = _member_ids(cluster_set, pk__gt=newest.watermark - RECHECK_KEYS)
+        # Counted on the mapped file (cheap); read whole only when a new one is written.
+        view = UsearchSearch.open(newest.path, view=True)
+        joining = newer[~view.contains(newer)]
+        if not force and len(joining) < max(RESAVE_AFTER, RESAVE_SHARE * len(view)):
+            return None
+        del view
+        search = UsearchSearch.open(newest.path, view=False)
+        _fill(search, cluster_set, joining, lambda message: None)
+        path = _file_name(cluster_set, watermark)
+        search.save(path)
+        delete_old_files(keep=path)
+        return IndexFile(path, watermark)
+
+
+@contextlib.contextmanager
+def _directory_lock() -> Iterator[bool]:
+    """One writer of the directory at a time: a file lock (usearch files live on one machine's
+    disk, so the machine's kernel is the one place every worker can agree). Released when the
+    process exits, however it exits."""
+    directory = index_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def after_activation(cluster_set: ClusterSet) -> None:
+    """The rebuild activated ``cluster_set``: delete the files of older sets (usearch)."""
+    if search_setting().backend == "usearch":
+        with contextlib.suppress(SearchIndexUnavailable):
+            delete_old_files(keep=newest_index_file(cluster_set).path)
+
+
+def delete_old_files(keep: Path) -> None:
+    """Every index file in the directory but ``keep`` (older files of its set, files of older
+    sets). A process mapping one keeps its pages until it reopens the newest."""
+    for name in os.listdir(keep.parent):
+        if _FILE.fullmatch(name) and name != keep.name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(keep.parent / name)
+
+
+#: Membership keys this far below a file's watermark are looked at again (``contains``) when
+#: reading the members newer than it: keys are not handed out in commit order on PostgreSQL,
+#: so a batch may commit after the file was written with a lower key (see services.index).
+RECHECK_KEYS = 4096

@@ -1,0 +1,184 @@
+"""suggest() on every vector-search backend (``IMAGETAGS["SEARCH"]``): one behavioural suite.
+
+The same tests run with ``exact`` (the reference), ``usearch`` (a file per set in a temporary
+directory) and ``pgvector`` (a table in the test database; only when that database is
+PostgreSQL with the ``vector`` extension, as in .ci/run's pgvector pass, otherwise skipped with
+the reason). They check what a site relies on whichever engine finds the neighbours: the same
+suggestions as ``exact``, deleted images never vote, a newly assigned image votes at once, a
+rebuild switches indexes while suggestions are served, and a missing or unreadable index is a
+clear "unavailable" answer (never a 500) that a rebuild repairs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.db import connection
+
+from imagetags.models import ClusterSet, Post, StockImage
+from imagetags.services import engines
+from imagetags.services.assign import assign_to_active_set
+from imagetags.services.rebuild import rebuild_clusters
+from imagetags.services.serving import serving_cache
+from imagetags.services.suggest import SuggestionUnavailable, suggest
+
+from .conftest import unit
+from .test_api import url as api_url
+
+BACKENDS = ["exact", "usearch", "pgvector"]
+
+
+def pgvector_missing() -> str | None:
+    if connection.vendor != "postgresql":
+        return (
+            "needs the test database on PostgreSQL with pgvector "
+            "(.ci/run's pgvector pass: IMAGETAGS_TEST_SEARCH=pgvector)"
+        )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+        if cursor.fetchone() is None:
+            return "this PostgreSQL has no pgvector extension"
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    return None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, settings, tmp_path, db) -> str:
+    alias = request.param
+    options: dict = {}
+    if alias == "usearch":
+        pytest.importorskip(
+            "usearch", reason="needs usearch: pip install django-imagetags[usearch]"
+        )
+        options = {"PATH": str(tmp_path / "search")}
+    if alias == "pgvector":
+        reason = pgvector_missing()
+        if reason:
+            pytest.skip(reason)
+        options = {"DATABASE": "default"}
+    current = dict(getattr(settings, "IMAGETAGS", {}) or {})
+    current["SEARCH"] = {"BACKEND": alias, "OPTIONS": options}
+    current["VOTING"] = {**current.get("VOTING", {}), "PRIOR_WEIGHT": 0.0}
+    settings.IMAGETAGS = current
+    return alias
+
+
+@pytest.fixture
+def library(backend, add_post) -> ClusterSet:
+    """Three topics (axes 0-2) of 6 posts each, plus their own tags; clustered with K = 3."""
+    for axis, topic in enumerate(("cake", "soup", "salad")):
+        for n in range(6):
+            add_post(["food", topic, f"{topic}{n % 3}"], [axis], jitter=0.08)
+    return rebuild_clusters(k=3, algorithm="kmeans")
+
+
+def names(result) -> list[str]:
+    return [tag.name for tag in result.tags]
+
+
+def exact_results(settings, queries: list[np.ndarray]) -> list[list[str]]:
+    current = dict(settings.IMAGETAGS)
+    engine = current["SEARCH"]
+    settings.IMAGETAGS = {**current, "SEARCH": {"BACKEND": "exact", "OPTIONS": {}}}
+    serving_cache().reset()
+    try:
+        return [names(suggest(query)) for query in queries]
+    finally:
+        settings.IMAGETAGS = {**current, "SEARCH": engine}
+        serving_cache().reset()
+
+
+def test_suggestions_are_those_of_exact(library, backend, settings):
+    queries = [unit(axis, 0.1, seed=seed) for axis in range(3) for seed in range(4)]
+    found = [names(suggest(query)) for query in queries]
+    assert found == exact_results(settings, queries)
+    result = suggest(queries[0])
+    assert result.tags[0].evidence.startswith("on ")
+    if backend != "exact":
+        assert f"found by the {backend} search" in result.notes[0]
+        assert serving_cache().loaded_index.loaded_clusters == 0  # nothing read into memory
+
+
+def test_a_deleted_image_never_votes(library, backend):
+    query = unit(2, 0.01, seed=1)
+    nearest = suggest(query)
+    salad_posts = Post.objects.filter(tags__name="salad")
+    assert "salad" in names(nearest)
+    StockImage.objects.filter(post__in=salad_posts).delete()
+    after = suggest(query)
+    assert "salad" not in names(after)
+    assert not {"salad0", "salad1", "salad2"} & set(names(after))
+
+
+def test_a_newly_assigned_image_votes_at_once(library, backend, add_post):
+    query = unit(1, 0.0)
+    assert "miso" not in names(suggest(query))  # the index is open before the new post exists
+    post = add_post(["food", "soup", "miso"], [1], jitter=0.0)  # exactly on the query
+    assert assign_to_active_set(post.images.all()) == 1  # what the feature task does
+
+    result = suggest(query)
+    assert "miso" in names(result)
+    assert next(t for t in result.tags if t.name == "miso").post_count == 1
+
+
+def test_a_rebuild_switches_indexes_while_suggestions_are_served(library, backend, add_post):
+    query = unit(0, 0.05, seed=3)
+    before = suggest(query)
+    for n in range(3):
+        add_post(["food", "cake", "tart"], [0], jitter=0.02 + n * 0.001)
+    rebuilt = rebuild_clusters(k=3, algorithm="kmeans")
+    after = suggest(query)  # the same process: the next suggestion uses the new set's index
+    assert before.cluster_set == library.pk and after.cluster_set == rebuilt.pk
+    assert "tart" in names(after) and "tart" not in names(before)
+    if backend == "usearch":
+        files = engines.index_files(rebuilt)
+        assert len(files) == 1 and not engines.index_files(library)  # the old set's file went
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_unreadable_index_is_unavailable_not_a_500(library, backend, damage, api):
+    if backend == "exact":
+        pytest.skip("exact has no index of its own: it reads the members from the database")
+    if backend == "usearch":
+        (path,) = [f.path for f in engines.index_files(library)]
+        if damage == "missing":
+            os.unlink(path)
+        else:
+            Path(path).write_bytes(b"not an index" * 100)
+    else:
+        if damage == "corrupt":
+            pytest.skip("a table cannot be half-written: PostgreSQL commits it whole")
+        engines.pgvector_table(library).drop()
+
+    with pytest.raises(SuggestionUnavailable, match="rebuild_clusters"):
+        suggest(unit(0, 0.05))
+    response = api.get(api_url("image-suggestions", StockImage.objects.first().pk))
+    assert response.status_code == 409
+    assert "rebuild_clusters" in response.json()["detail"]
+
+    rebuild_clusters(k=3, algorithm="kmeans")  # the repair the message names
+    assert "cake" in names(suggest(unit(0, 0.05)))
+
+
+def test_usearch_worker_writes_a_newer_file_and_web_processes_reopen_it(
+    library, backend, add_post, monkeypatch, django_capture_on_commit_callbacks
+):
+    if backend != "usearch":
+        pytest.skip("usearch only: a file per set, rewritten by the worker")
+    monkeypatch.setattr(engines, "RESAVE_AFTER", 2)
+    query = unit(1, 0.0)
+    suggest(query)  # the process maps the first file
+    first = engines.index_files(library)[0]
+    post = add_post(["food", "soup", "miso"], [1, 1], jitter=0.0)
+    with django_capture_on_commit_callbacks(execute=True):  # the assignment commits
+        assign_to_active_set(post.images.all())  # 2 new members: the worker writes a newer file
+    (newest,) = engines.index_files(library)
+    assert newest.watermark > first.watermark and not first.path.exists()
+
+    result = suggest(query)
+    index = serving_cache().loaded_index
+    assert index.file == newest and len(index.newer) == 0  # reopened: nothing read from the DB
+    assert "miso" in names(result)
