@@ -234,6 +234,17 @@ def add_post(db, make_upload):
 
 
 @pytest.fixture
+def exact_search(settings) -> None:
+    """IMAGETAGS["SEARCH"] = exact for tests about the exact inverted file's own workings
+    (clusters loaded, probes, freshness by membership keys), whatever backend the run
+    configures (.ci/run's pgvector pass sets one for the whole suite). Every backend's
+    behaviour is tested in tests/test_search_serving.py."""
+    current = dict(getattr(settings, "IMAGETAGS", {}) or {})
+    current["SEARCH"] = {"BACKEND": "exact", "OPTIONS": {}}
+    settings.IMAGETAGS = current
+
+
+@pytest.fixture
 def soups_and_cakes(add_post):
     """Axis 0: 3 cake posts; axis 1: 4 soup posts; "food" on all 7; clustered with K = 2."""
     from imagetags.services.rebuild import rebuild_clusters

@@ -21,6 +21,9 @@ from imagetags.services.vectors import l2_normalize
 
 from .conftest import unit
 
+# About the exact inverted file itself: every backend is tested in test_search_serving.py.
+pytestmark = pytest.mark.usefixtures("exact_search")
+
 
 def voting_index(cluster_set: ClusterSet) -> VotingIndex:
     return serving_cache().voting_index(cluster_set)

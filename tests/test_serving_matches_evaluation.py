@@ -27,6 +27,9 @@ from imagetags.services.suggest import suggest
 
 from .conftest import DIM
 
+# About the exact inverted file itself: every backend is tested in test_search_serving.py.
+pytestmark = pytest.mark.usefixtures("exact_search")
+
 TOPICS = 6
 POSTS_PER_TOPIC = 9
 K = 8

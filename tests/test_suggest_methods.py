@@ -21,6 +21,9 @@ from imagetags.services.suggest import suggest, suggest_many, suggest_method
 
 from .conftest import unit
 
+# About the exact inverted file itself: every backend is tested in test_search_serving.py.
+pytestmark = pytest.mark.usefixtures("exact_search")
+
 
 def voting(settings, **values):
     """IMAGETAGS with VOTING values changed (the test settings' other keys kept)."""

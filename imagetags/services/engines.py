@@ -146,6 +146,23 @@ def open_pgvector(cluster_set: ClusterSet) -> PgvectorSearch:
     return search
 
 
+def search(engine: VectorSearch, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``engine.search`` whose failures of the index itself (a pgvector table dropped or
+    unreadable since it was opened) are :class:`SearchIndexUnavailable`, not a server error."""
+    if not isinstance(engine, PgvectorSearch):
+        return engine.search(queries, k)
+    import psycopg  # the pgvector backend's driver: installed when it is configured
+
+    try:
+        return engine.search(queries, k)
+    except psycopg.Error as error:
+        # The handle names the table, so it works again once the table is back: kept.
+        raise SearchIndexUnavailable(
+            f"The pgvector search failed ({type(error).__name__}: {error}). If its table "
+            f"{engine.table} is gone, run `manage.py rebuild_clusters`, which builds it."
+        ) from error
+
+
 # --- usearch files ----------------------------------------------------------------------------
 
 

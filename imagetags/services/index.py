@@ -523,7 +523,7 @@ class EngineVotingIndex(VotingIndex):
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
             n = min(n, self.max_candidates)
-            ids, sims = self.engine.search(query[None, :], n)
+            ids, sims = engines.search(self.engine, query[None, :], n)
             ids, sims = ids[0], sims[0]
             newer = self.newer
             if newer is not None and len(newer):
