@@ -21,7 +21,7 @@ from django.db import connection
 from imagetags.models import ClusterSet, Post, StockImage
 from imagetags.services import engines
 from imagetags.services.assign import assign_to_active_set
-from imagetags.services.rebuild import rebuild_clusters
+from imagetags.services.rebuild import ClusteringError, rebuild_clusters
 from imagetags.services.serving import serving_cache
 from imagetags.services.suggest import SuggestionUnavailable, suggest
 
@@ -189,3 +189,44 @@ def test_usearch_worker_writes_a_newer_file_and_web_processes_reopen_it(
     index = serving_cache().loaded_index
     assert index.file == newest and len(index.newer) == 0  # reopened: nothing read from the DB
     assert "miso" in names(result)
+
+
+def test_a_rebuild_for_an_engine_that_cannot_hold_the_set_fails_clearly_and_keeps_serving(
+    backend, add_post, settings, tmp_path
+):
+    if backend == "exact":
+        pytest.skip("exact builds nothing")
+    for axis in range(3):
+        for _n in range(3):
+            add_post(["food", f"topic{axis}"], [axis])
+    served = rebuild_clusters(k=3, algorithm="kmeans")
+    current = dict(settings.IMAGETAGS)
+    if backend == "usearch":
+        blocked = tmp_path / "not-a-directory"
+        blocked.write_text("a file where the directory should be")
+        current["SEARCH"] = {"BACKEND": "usearch", "OPTIONS": {"PATH": str(blocked / "x")}}
+        expected = "cannot be written"
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP EXTENSION vector CASCADE")
+        expected = "CREATE EXTENSION vector"
+    settings.IMAGETAGS = current
+    with pytest.raises(ClusteringError, match=expected):
+        rebuild_clusters(k=3, algorithm="kmeans")
+    assert ClusterSet.objects.active() == served  # the set being served stays active
+
+
+def test_pgvector_on_a_database_that_is_not_postgresql_is_a_clear_rebuild_error(
+    add_post, settings, db
+):
+    if connection.vendor == "postgresql":
+        pytest.skip("needs a database that is not PostgreSQL (the SQLite run)")
+    for axis in range(3):
+        add_post(["food", f"topic{axis}"], [axis])
+    settings.IMAGETAGS = {
+        **settings.IMAGETAGS,
+        "SEARCH": {"BACKEND": "pgvector", "OPTIONS": {"DATABASE": "default"}},
+    }
+    with pytest.raises(ClusteringError, match="pgvector needs PostgreSQL"):
+        rebuild_clusters(k=3, algorithm="kmeans")
+    assert ClusterSet.objects.active() is None

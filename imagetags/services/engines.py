@@ -53,7 +53,7 @@ from imagetags.search.base import SearchIndexError, VectorSearch
 from imagetags.search.pgvector import PgvectorSearch, table_name
 from imagetags.search.usearch import UsearchSearch
 from imagetags.services import store
-from imagetags.services.errors import SuggestionUnavailable
+from imagetags.services.errors import ClusteringError, SuggestionUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,30 @@ def publish(
         _publish_usearch(cluster_set, previous, say)
 
 
+def pgvector_problem(alias: str) -> str | None:
+    """Why the database ``alias`` cannot hold pgvector tables, or None when it can."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return (
+            f"IMAGETAGS['SEARCH'] is pgvector, but the database {alias!r} is "
+            f"{connection.vendor}: pgvector needs PostgreSQL (OPTIONS['DATABASE'] names it)."
+        )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+        if cursor.fetchone() is None:
+            return (
+                f"The database {alias!r} has no pgvector extension. As a superuser, run "
+                "`CREATE EXTENSION vector;` in it (or add imagetags.contrib.pgvector to "
+                "INSTALLED_APPS and migrate as a role that may create it); the server needs "
+                "pgvector installed (e.g. the postgresql-16-pgvector package)."
+            )
+    return None
+
+
 def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
+    problem = pgvector_problem(_database())
+    if problem:
+        raise ClusteringError(problem)
     search = pgvector_table(cluster_set)
     members = _member_ids(cluster_set)
     if not _table_exists(search):
@@ -309,7 +332,17 @@ def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
 
 
 def _publish_usearch(cluster_set: ClusterSet, previous: ClusterSet | None, say: Progress) -> None:
-    index_directory().mkdir(parents=True, exist_ok=True)
+    directory = index_directory()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as error:
+        raise ClusteringError(
+            f"The usearch index directory IMAGETAGS['SEARCH']['OPTIONS']['PATH'] cannot be "
+            f"written ({error}): give the worker a local directory it may write, which the web "
+            "processes of this machine may read."
+        ) from error
     watermark = _newest_membership(cluster_set)
     members = _member_ids(cluster_set)
     search: UsearchSearch | None = None
