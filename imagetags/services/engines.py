@@ -64,6 +64,9 @@ Progress = Callable[[str], None]
 #: into each process costs less than writing the whole file again.
 RESAVE_AFTER = 1000
 RESAVE_SHARE = 0.01
+#: A rebuild builds the usearch graph anew, rather than from the previous set's file, when more
+#: than this share of the file's images have left the library.
+REBUILD_GRAPH_SHARE = 0.2
 _FILE = re.compile(r"set-(?P<set>\d+)-(?P<created>\d+)-(?P<watermark>\d+)\.usearch")
 
 
@@ -356,10 +359,15 @@ def _publish_usearch(cluster_set: ClusterSet, previous: ClusterSet | None, say: 
         search = UsearchSearch(cluster_set.dim)
     held = np.asarray(search.keys(), dtype=np.int64)
     leaving = np.setdiff1d(held, members)
+    if len(leaving) > REBUILD_GRAPH_SHARE * max(1, len(held)):
+        # Removed nodes stay in the graph as tombstones that every search walks through.
+        say(f"Search index: {len(leaving)} of {len(held)} images left; building the graph anew.")
+        search, held, leaving = UsearchSearch(cluster_set.dim), held[:0], leaving[:0]
     joining = np.setdiff1d(members, held)
     search.remove(leaving)
     _fill(search, cluster_set, joining, say)
-    search.save(_file_name(cluster_set, watermark))
+    with _directory_lock(wait=True):
+        search.save(_file_name(cluster_set, watermark))
     say(
         f"Search index: {len(search)} vectors in {_file_name(cluster_set, watermark).name} "
         f"({len(joining)} added, {len(leaving)} removed)."
@@ -408,15 +416,16 @@ def save_new_members(cluster_set: ClusterSet, *, force: bool = False) -> IndexFi
 
 
 @contextlib.contextmanager
-def _directory_lock() -> Iterator[bool]:
+def _directory_lock(*, wait: bool = False) -> Iterator[bool]:
     """One writer of the directory at a time: a file lock (usearch files live on one machine's
     disk, so the machine's kernel is the one place every worker can agree). Released when the
-    process exits, however it exits."""
+    process exits, however it exits. ``wait``: block until it is free (a rebuild), else yield
+    False at once when another process holds it (an assignment: the holder writes the file)."""
     directory = index_directory()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -429,7 +438,7 @@ def _directory_lock() -> Iterator[bool]:
 def after_activation(cluster_set: ClusterSet) -> None:
     """The rebuild activated ``cluster_set``: delete the files of older sets (usearch)."""
     if search_setting().backend == "usearch":
-        with contextlib.suppress(SearchIndexUnavailable):
+        with _directory_lock(wait=True), contextlib.suppress(SearchIndexUnavailable):
             delete_old_files(keep=newest_index_file(cluster_set).path)
 
 
