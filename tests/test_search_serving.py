@@ -230,3 +230,25 @@ def test_pgvector_on_a_database_that_is_not_postgresql_is_a_clear_rebuild_error(
     with pytest.raises(ClusteringError, match="pgvector needs PostgreSQL"):
         rebuild_clusters(k=3, algorithm="kmeans")
     assert ClusterSet.objects.active() is None
+
+
+def test_a_rebuild_changes_only_the_images_that_joined_or_left(library, backend, add_post):
+    if backend == "exact":
+        pytest.skip("exact builds nothing")
+    for _n in range(3):
+        add_post(["food", "cake"], [0])
+    said: list[str] = []
+    rebuild_clusters(k=3, algorithm="kmeans", progress=said.append)
+    if backend == "usearch":
+        assert any("21 vectors" in line and "(3 added, 0 removed)" in line for line in said)
+    else:
+        assert any("3 vectors added, 0 removed" in line for line in said), said
+
+    StockImage.objects.filter(post__tags__name="salad").delete()  # 6 of 21: over a fifth
+    said.clear()
+    rebuild_clusters(k=3, algorithm="kmeans", progress=said.append)
+    if backend == "usearch":  # tombstones would slow every search: a new graph
+        assert any("building the graph anew" in line for line in said), said
+        assert any("15 vectors" in line and "(15 added, 0 removed)" in line for line in said)
+    else:  # PostgreSQL's index keeps itself tidy (VACUUM)
+        assert any("0 vectors added, 6 removed" in line for line in said), said
