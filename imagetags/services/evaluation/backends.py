@@ -35,7 +35,7 @@ SearchBuilder = Callable[[np.ndarray], contextlib.AbstractContextManager[VectorS
 PGVECTOR_INSTALL = (
     "install pgvector on the server (the PGDG or distribution package postgresql-<version>-pgvector, "
     "or the pgvector/pgvector container image), then run `CREATE EXTENSION vector;` in that "
-    "database as a superuser (docs/deployment.md)"
+    "database as a superuser"
 )
 
 
@@ -122,8 +122,8 @@ def django_connect(alias: str) -> Connect:
     if connection.vendor != "postgresql":
         raise EvaluationError(
             f"--search pgvector needs a PostgreSQL database with the pgvector extension, and "
-            f"{where} is {connection.vendor}. Point --search-database at a PostgreSQL alias in "
-            f"DATABASES ({PGVECTOR_INSTALL}), or leave pgvector out of --search."
+            f"{where} is {connection.vendor}. Give --search-database the alias of one in "
+            f"DATABASES, or leave pgvector out of --search. To get one: {PGVECTOR_INSTALL}."
         )
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
