@@ -12,10 +12,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from imagetags.core.kmeans import parse_k
 from imagetags.core.voting import VoteParams
+from imagetags.search import search_aliases
 from imagetags.services.evaluation import (
     METHOD_HELP,
+    RECALL_DEPTH,
     EvaluationError,
     run_evaluation,
+    search_builders,
 )
 from imagetags.services.feedback import feedback_report
 from imagetags.services.library import ManifestError
@@ -25,6 +28,10 @@ VOTING_KEYS = ("NEIGHBOURS", "TEMPERATURE", "VOTE_BY", "PRIOR_WEIGHT", "PROBES")
 
 def _k_list(value: str) -> list[int | str]:
     return [parse_k(part.strip()) for part in value.split(",") if part.strip()]
+
+
+def _names(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _voting(value: str) -> dict[str, Any]:
@@ -136,6 +143,25 @@ class Command(BaseCommand):
             "what that decoding changes (docs/quality.md).",
         )
         parser.add_argument(
+            "--search",
+            type=_names,
+            action="append",
+            default=[],
+            metavar="BACKEND[,BACKEND]",
+            help="Also measure these vector-search backends against exact k-NN (one of "
+            f"{', '.join(search_aliases())}; repeatable): ivf's voting over the neighbours each "
+            f"finds in the whole library, scored like the methods, with the recall@{RECALL_DEPTH} "
+            "of those neighbours and the share of queries whose top k tags are exact's.",
+        )
+        parser.add_argument(
+            "--search-database",
+            default="default",
+            metavar="ALIAS",
+            help="The DATABASES alias --search pgvector loads the library into (a PostgreSQL "
+            "database with the pgvector extension; a throwaway table, dropped afterwards; "
+            "default: %(default)s).",
+        )
+        parser.add_argument(
             "--from-feedback",
             action="store_true",
             help="Report the acceptance of shown suggestions (SuggestionFeedback) overall, per "
@@ -172,6 +198,14 @@ class Command(BaseCommand):
             voting = VoteParams.from_setting({**imagetags_settings.VOTING, **options["voting"]})
         except ValueError as exc:
             raise CommandError(f"--voting: {exc}") from exc
+        backends = [alias for group in options["search"] for alias in group]
+        try:
+            # Before any extraction: a backend that cannot run here is refused at once.
+            search = (
+                search_builders(backends, database=options["search_database"]) if backends else None
+            )
+        except EvaluationError as exc:
+            raise CommandError(str(exc)) from exc
         bar: tqdm | None = None
 
         def progress(done: int, total: int) -> None:
@@ -199,6 +233,7 @@ class Command(BaseCommand):
                 cache_dir=options["cache"],
                 progress=progress,
                 full_decode=options["full_decode"],
+                search=search,
             )
         except (EvaluationError, ManifestError, ImproperlyConfigured) as exc:
             # ImproperlyConfigured: an extractor that only fails when its model is loaded.
@@ -256,6 +291,8 @@ class Command(BaseCommand):
                 "± standard deviation over folds; distinct = mean per fold "
                 "(pooled over all folds' queries in brackets)."
             )
+        if "search" in report:
+            self._search(report["search"], k, spread=bool(folds))
         sweep = report.get("k_sweep")
         if sweep:
             self.stdout.write("")
@@ -276,10 +313,18 @@ class Command(BaseCommand):
         if "tune" in report:
             self._tune(report["tune"], k)
 
-    def _methods(self, methods: dict[str, Any], k: int, *, default: str, spread: bool) -> None:
+    def _methods(
+        self,
+        methods: dict[str, Any],
+        k: int,
+        *,
+        default: str,
+        spread: bool,
+        title: str = "method",
+    ) -> None:
         width = 13 if spread else 6
         self.stdout.write(
-            f"{'method':<12} {'P@1':>6} {'P@3':>6} {f'P@{k}':>{width}} {f'R@{k}':>6} "
+            f"{title:<12} {'P@1':>6} {'P@3':>6} {f'P@{k}':>{width}} {f'R@{k}':>6} "
             f"{'distinct':>{width + 2 if spread else 8}} {'ms/query':>9}"
         )
         for name, scores in methods.items():
@@ -299,6 +344,32 @@ class Command(BaseCommand):
                 f"{p_at_k:>{width}} {scores['r_at_k']:>6.3f} "
                 f"{distinct:>{width + 2 if spread else 8}} {scores['query_ms']:>9.3f}"
             )
+
+    def _search(self, search: dict[str, Any], k: int, *, spread: bool) -> None:
+        depth = search["recall_depth"]
+        self.stdout.write("")
+        self.stdout.write(
+            f"Vector search: ivf's voting over the neighbours each backend finds in the whole "
+            f"library, against {search['reference']} k-NN."
+        )
+        backends = search["backends"]
+        self._methods(backends, k, default="", spread=spread, title="backend")
+        self.stdout.write("")
+        self.stdout.write(
+            f"{'backend':<12} {f'recall@{depth}':>10} {f'same top-{k} set':>16} "
+            f"{f'same top-{k} order':>18} {'build s':>8}"
+        )
+        for name, row in backends.items():
+            self.stdout.write(
+                f"{name:<12} {row[f'recall_at_{depth}']:>10.4f} {row['same_top_k_set']:>16.4f} "
+                f"{row['same_top_k_order']:>18.4f} {row['build_seconds']:>8.2f}"
+            )
+        self.stdout.write(
+            f"Shares of all queries (pooled over folds). recall@{depth}: exact's {depth} nearest "
+            f"library images that the backend found too. same top-{k} set: the same {k} tags as "
+            f"exact's, in any order (what the target, >= 0.97, is read on); order: also in the "
+            "same order."
+        )
 
     def _tune(self, tune: dict[str, Any], k: int) -> None:
         self.stdout.write("")

@@ -19,13 +19,30 @@ per method: P@1, P@3, P@k, R@k, the number of *distinct* tags suggested correctl
 and the mean ranking time per query (extraction excluded). ``tune_parameters`` chooses parameters
 by cross-validation inside a library only; ``run_tuning`` nests it in the outer folds.
 
+With ``search`` (``--search``), every split also measures vector-search backends against exact
+k-NN: ``ivf``'s voting over the neighbours each engine finds in the whole library, scored like
+the methods, with the recall@50 of those neighbours and the share of queries whose top k tags are
+exact's (``methods.evaluate_backends``).
+
 The package, by step: ``data`` (image sets, splits by post), ``embedding`` (extraction and the
-vector cache), ``methods`` (the methods on one library), ``tuning`` (nested cross-validation),
-``run`` (the whole run); scoring is ``core.metrics``. The acceptance of real suggestions
+vector cache), ``backends`` (the engines ``--search`` builds per library), ``methods`` (the
+methods on one library), ``tuning`` (nested cross-validation), ``run`` (the whole run); scoring is
+``core.metrics``. The acceptance of real suggestions
 (``--from-feedback``) reads the database and lives in ``services.feedback``.
 """
 
 from imagetags.core.metrics import MethodScores, score_rankings, summarise
+from imagetags.services.evaluation.backends import (
+    RECALL_DEPTH,
+    REFERENCE,
+    SearchBuilder,
+    check_pgvector,
+    django_connect,
+    exact_search,
+    pgvector_builder,
+    search_builders,
+    usearch_builder,
+)
 from imagetags.services.evaluation.data import (
     EvaluationError,
     ImageSet,
@@ -39,8 +56,10 @@ from imagetags.services.evaluation.methods import (
     KNN,
     METHOD_HELP,
     METHODS,
+    BackendResult,
     ClusterModel,
     LibraryModel,
+    evaluate_backends,
     fit_cluster_model,
     method_rankers,
     score_cluster,
@@ -62,26 +81,37 @@ __all__ = [
     "METHODS",
     "METHOD_HELP",
     "PROBES_GRID",
+    "RECALL_DEPTH",
+    "REFERENCE",
     "VOTE_GRID",
+    "BackendResult",
     "ClusterModel",
     "EvaluationError",
     "ImageSet",
     "LibraryModel",
     "MethodScores",
+    "SearchBuilder",
     "VectorCache",
+    "check_pgvector",
     "choose_one_se",
+    "django_connect",
     "embed_image_set",
+    "evaluate_backends",
+    "exact_search",
     "fit_cluster_model",
     "fold_splits",
     "folds_by_post",
     "method_rankers",
+    "pgvector_builder",
     "read_image_set",
     "run_evaluation",
     "run_tuning",
     "score_cluster",
     "score_popularity",
     "score_rankings",
+    "search_builders",
     "split_by_post",
     "summarise",
     "tune_parameters",
+    "usearch_builder",
 ]

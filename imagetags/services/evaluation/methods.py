@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,9 @@ import numpy as np
 from imagetags.core import counting, kmeans
 from imagetags.core import voting as core_voting
 from imagetags.core.metrics import MethodScores, score_rankings
+from imagetags.search.base import VectorSearch
 from imagetags.search.exact import ExactSearch
+from imagetags.services.evaluation.backends import RECALL_DEPTH, SearchBuilder, exact_search
 from imagetags.services.evaluation.data import ImageSet
 from imagetags.services.suggest import METHODS as SERVING_METHODS
 
@@ -173,17 +175,25 @@ def score_method(
     a multi-threaded product of one vector with a small matrix spends its time waiting for
     threads, and the timings would say more about the load than about the method.
     """
+    rankings, seconds = rank_queries(rank, queries, max(k, 3))
+    return score_rankings(rankings, truths(queries), k, query_seconds=seconds)
+
+
+def rank_queries(
+    rank: Callable[[np.ndarray, int], list[str]], queries: ImageSet, depth: int
+) -> tuple[list[list[str]], float]:
+    """``rank(vector, depth)`` of every query, and the seconds the calls took in all (BLAS on
+    one thread: see :func:`score_method`)."""
     from threadpoolctl import threadpool_limits
 
     assert queries.vectors is not None
-    depth = max(k, 3)
     rankings, seconds = [], 0.0
     with threadpool_limits(limits=1, user_api="blas"):
         for vector in queries.vectors:
             started = time.perf_counter()
             rankings.append(rank(vector, depth))
             seconds += time.perf_counter() - started
-    return score_rankings(rankings, truths(queries), k, query_seconds=seconds)
+    return rankings, seconds
 
 
 def score_popularity(library: ImageSet, queries: ImageSet, k: int) -> MethodScores:
@@ -243,11 +253,94 @@ K_DEPENDENT = ("cluster", "ivf")
 
 
 @dataclass
+class BackendResult:
+    """One vector-search backend on one split: the ``ivf`` voting over the neighbours it finds
+    in the whole library, scored like every method, and per query how it compares with exact
+    k-NN (``backends.REFERENCE``)."""
+
+    scores: MethodScores
+    recall: np.ndarray  # per query: share of exact's RECALL_DEPTH nearest that it found too
+    same_order: np.ndarray  # per query: its top k tags are exact's, in the same order
+    same_set: np.ndarray  # per query: its top k tags are exact's, in any order
+    build_seconds: float  # loading the library into the engine (and indexing it)
+
+
+def engine_candidates(engine: VectorSearch, vector: np.ndarray) -> Search:
+    """The candidate search voting asks for, answered by ``engine`` over everything it holds
+    (``probes`` is an inverted-file notion: HNSW engines search their whole graph)."""
+
+    def candidates(n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, sims = engine.search(vector[None, :], n)
+        found = ids[0] >= 0  # padding
+        return ids[0][found], sims[0][found]
+
+    return candidates
+
+
+def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per row: the share of the ids of ``truth`` (padding -1 aside) that ``found`` holds too."""
+    out = np.ones(truth.shape[0])
+    for row, (found_row, truth_row) in enumerate(zip(found, truth, strict=True)):
+        truth_row = truth_row[truth_row >= 0]
+        if truth_row.shape[0]:
+            hits = np.intersect1d(found_row[found_row >= 0], truth_row).shape[0]
+            out[row] = hits / truth_row.shape[0]
+    return out
+
+
+def evaluate_backends(
+    model: LibraryModel,
+    queries: ImageSet,
+    *,
+    k: int,
+    voting: core_voting.VoteParams,
+    builders: Mapping[str, SearchBuilder],
+) -> dict[str, BackendResult]:
+    """Score ``ivf``'s voting (``voting`` over the whole library: ``core.voting.vote``, the same
+    priors and evidence) with the neighbours each backend finds, and compare each with exact
+    k-NN: recall@``RECALL_DEPTH`` of the neighbours, and whether the top ``k`` tags are exact's."""
+    if not builders:
+        return {}
+    assert model.library.vectors is not None and queries.vectors is not None
+    whole_library = voting.exact()
+    depth = max(k, 3)
+    library = model.library.vectors
+
+    def rank_over(engine: VectorSearch) -> Callable[[np.ndarray, int], list[str]]:
+        return lambda vector, n: model.vote(
+            vector, whole_library, n, engine_candidates(engine, vector)
+        )
+
+    with exact_search(library) as reference:
+        expected, _seconds = rank_queries(rank_over(reference), queries, depth)
+        expected_ids, _sims = reference.search(queries.vectors, RECALL_DEPTH)
+    expected_top = [ranking[:k] for ranking in expected]
+    results = {}
+    for alias, build in builders.items():
+        started = time.perf_counter()
+        with build(library) as engine:
+            build_seconds = time.perf_counter() - started
+            rankings, seconds = rank_queries(rank_over(engine), queries, depth)
+            found_ids, _sims = engine.search(queries.vectors, RECALL_DEPTH)
+        top = [ranking[:k] for ranking in rankings]
+        pairs = list(zip(top, expected_top, strict=True))
+        results[alias] = BackendResult(
+            scores=score_rankings(rankings, truths(queries), k, query_seconds=seconds),
+            recall=neighbour_recall(found_ids, expected_ids),
+            same_order=np.array([mine == exact for mine, exact in pairs], dtype=bool),
+            same_set=np.array([set(mine) == set(exact) for mine, exact in pairs], dtype=bool),
+            build_seconds=build_seconds,
+        )
+    return results
+
+
+@dataclass
 class SplitResult:
     methods: dict[str, MethodScores]
     clusters: int
     sweep: list[dict[str, Any]]  # per K: {"clusters_requested", "clusters", method: scores}
     cluster_seconds: float
+    backends: dict[str, BackendResult] = field(default_factory=dict)  # --search, by alias
 
 
 def evaluate_split(
@@ -258,8 +351,10 @@ def evaluate_split(
     n_clusters: Sequence[int],
     cluster_params: dict[str, Any],
     voting: core_voting.VoteParams,
+    search: Mapping[str, SearchBuilder] | None = None,
 ) -> SplitResult:
-    """Score every method on one library/queries split; ``n_clusters[1:]`` is the K sweep."""
+    """Score every method on one library/queries split; ``n_clusters[1:]`` is the K sweep;
+    ``search``: the vector-search backends to measure against exact (:func:`evaluate_backends`)."""
     started = time.perf_counter()
     clusters = fit_cluster_model(library, n_clusters[0], **cluster_params)
     cluster_seconds = time.perf_counter() - started
@@ -283,4 +378,5 @@ def evaluate_split(
         clusters=clusters.result.k,
         sweep=sweep,
         cluster_seconds=cluster_seconds,
+        backends=evaluate_backends(model, queries, k=k, voting=voting, builders=search or {}),
     )
