@@ -342,3 +342,15 @@ def test_pgvector_through_a_django_database_alias(
     assert pgvector[f"recall_at_{RECALL_DEPTH}"] == 1.0  # 50 asked of a smaller library: all
     assert report["search"]["backends"].keys() == {"pgvector"}
     assert evaluation_tables(connect) == []
+
+
+def test_the_search_database_defaults_to_the_one_the_site_serves_from(settings):
+    from imagetags.management.commands.evaluate_suggestions import search_database
+
+    assert search_database(None) == "default"
+    settings.IMAGETAGS = {
+        **settings.IMAGETAGS,
+        "SEARCH": {"BACKEND": "pgvector", "OPTIONS": {"DATABASE": "vectors"}},
+    }
+    assert search_database(None) == "vectors"
+    assert search_database("other") == "other"

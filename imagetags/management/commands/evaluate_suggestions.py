@@ -10,6 +10,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from imagetags.conf import imagetags_settings
 from imagetags.core.kmeans import parse_k
 from imagetags.core.voting import VoteParams
 from imagetags.search import search_aliases
@@ -155,11 +156,11 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--search-database",
-            default="default",
+            default=None,
             metavar="ALIAS",
             help="The DATABASES alias --search pgvector loads the library into (a PostgreSQL "
             "database with the pgvector extension; a throwaway table, dropped afterwards; "
-            "default: %(default)s).",
+            "default: IMAGETAGS['SEARCH']['OPTIONS']['DATABASE'], else 'default').",
         )
         parser.add_argument(
             "--from-feedback",
@@ -202,7 +203,9 @@ class Command(BaseCommand):
         try:
             # Before any extraction: a backend that cannot run here is refused at once.
             search = (
-                search_builders(backends, database=options["search_database"]) if backends else None
+                search_builders(backends, database=search_database(options["search_database"]))
+                if backends
+                else None
             )
         except EvaluationError as exc:
             raise CommandError(str(exc)) from exc
@@ -426,3 +429,11 @@ class Command(BaseCommand):
 def _acceptance_line(name: str, row: dict[str, Any]) -> str:
     rate = "—" if row["rate"] is None else f"{row['rate']:.1%}"
     return f"{name[:24]:<24} {row['accepted']:>8} {row['shown']:>7} {rate:>7}"
+
+
+def search_database(given: str | None) -> str:
+    """The alias ``--search pgvector`` uses: the option, else the one the site serves from."""
+    if given:
+        return given
+    options = (imagetags_settings.SEARCH or {}).get("OPTIONS") or {}
+    return options.get("DATABASE") or "default"
