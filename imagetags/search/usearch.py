@@ -209,7 +209,9 @@ class UsearchSearch(VectorSearch):
         width = int(counts.max(initial=0))
         valid = np.arange(width)[None, :] < counts[:, None]
         ids = np.where(valid, keys[:, :width].astype(np.int64), -1)
-        sims = np.where(valid, 1.0 - distances[:, :width], -np.inf).astype(np.float32)
+        # Slots past a query's count hold whatever usearch left there: never computed with.
+        sims = np.full(valid.shape, -np.inf, dtype=np.float32)
+        sims[valid] = 1.0 - distances[:, :width][valid]
         # usearch orders by distance only: ties by id, as ExactSearch breaks them.
         rows = np.repeat(np.arange(n), width)
         order = np.lexsort((ids.ravel(), -sims.ravel(), rows)).reshape(n, width) % max(width, 1)
