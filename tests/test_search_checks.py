@@ -366,3 +366,22 @@ def test_an_unknown_search_is_refused():
     )
     assert done.returncode == 1
     assert "IMAGETAGS_TEST_SEARCH must be exact, usearch or pgvector, not 'faiss'" in done.stderr
+
+
+@pytest.mark.django_db
+def test_the_migration_names_the_package_when_the_server_lacks_pgvector():
+    from django.db import connection
+
+    from imagetags.contrib.pgvector.extension import (
+        create_vector_extension,
+        extension_available,
+        server_major_version,
+    )
+
+    if connection.vendor != "postgresql" or extension_available(connection):
+        pytest.skip("needs a PostgreSQL without pgvector: .ci/run's second run (Debian's)")
+    with pytest.raises(VectorExtensionUnavailable) as raised, connection.schema_editor() as editor:
+        create_vector_extension(None, editor)
+    message = str(raised.value)
+    assert f"postgresql-{server_major_version(connection)}-pgvector" in message
+    assert "pgvector/pgvector image" in message and "has no pgvector extension" in message
