@@ -1,4 +1,5 @@
-"""System checks: a misconfigured extractor or task queue is reported at start-up, with a hint."""
+"""System checks: a misconfigured extractor, task queue or vector search is reported at start-up,
+with a hint."""
 
 from __future__ import annotations
 
@@ -110,6 +111,150 @@ def check_sqlite_transactions(app_configs: Any = None, **kwargs: Any) -> list:
             hint=f"Set DATABASES[{alias!r}]['OPTIONS'] = {{'timeout': 30, 'transaction_mode': "
             "'IMMEDIATE'}: a writer then waits for the lock instead.",
             id="imagetags.W003",
+        )
+    ]
+
+
+PGVECTOR_APP = "imagetags.contrib.pgvector"
+# What imagetags.search.pgvector imports: it works on a psycopg 3 connection (Django's backend may
+# run on psycopg2, which the search cannot use).
+PGVECTOR_MODULES = ("psycopg",)
+
+
+def _search_config() -> tuple[str, dict[str, Any]]:
+    """``IMAGETAGS["SEARCH"]``'s backend alias and options.
+
+    Read from the site's own dict, not from ``imagetags_settings.SEARCH``, while the key is not in
+    ``conf.DEFAULTS`` yet (its absence means the default, ``exact``)."""
+    from imagetags.conf import imagetags_settings
+
+    config = imagetags_settings.user_settings.get("SEARCH") or {}
+    if not isinstance(config, dict):
+        return "", {}
+    options = config.get("OPTIONS") or {}
+    return str(config.get("BACKEND") or "exact"), options if isinstance(options, dict) else {}
+
+
+@register(Tags.compatibility)
+def check_search_backend(app_configs: Any = None, **kwargs: Any) -> list:
+    """What ``IMAGETAGS["SEARCH"]`` needs without opening a connection: the libraries, a
+    PostgreSQL alias for pgvector, a writable directory for usearch."""
+    backend, options = _search_config()
+    if backend == "pgvector":
+        return _check_pgvector_config(options)
+    if backend == "usearch":
+        return _check_usearch_config(options)
+    return []
+
+
+def _check_pgvector_config(options: dict[str, Any]) -> list:
+    import importlib.util
+
+    from django.db import connections
+    from django.utils.connection import ConnectionDoesNotExist
+
+    errors: list = []
+    missing = [name for name in PGVECTOR_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        errors.append(
+            Error(
+                f"The pgvector search backend needs {', '.join(missing)}, which is not installed.",
+                hint="pip install 'django-imagetags[pgvector]'",
+                id="imagetags.E006",
+            )
+        )
+    alias = options.get("DATABASE", "default")
+    try:
+        vendor = connections[alias].vendor
+    except ConnectionDoesNotExist:
+        vendor = None
+    if vendor != "postgresql":
+        found = f"is a {vendor} database" if vendor else "is not in DATABASES"
+        errors.append(
+            Error(
+                f"IMAGETAGS['SEARCH']['OPTIONS']['DATABASE'] = {alias!r} {found}: the pgvector "
+                "search backend needs PostgreSQL.",
+                hint="Name a PostgreSQL alias of DATABASES, or use the 'usearch' backend "
+                "(one machine) or 'exact'.",
+                id="imagetags.E004",
+            )
+        )
+    return errors
+
+
+def _check_usearch_config(options: dict[str, Any]) -> list:
+    import importlib.util
+    import os
+
+    errors: list = []
+    if importlib.util.find_spec("usearch") is None:
+        errors.append(
+            Error(
+                "The usearch search backend needs the usearch package, which is not installed.",
+                hint="pip install 'django-imagetags[usearch]'",
+                id="imagetags.E007",
+            )
+        )
+    path = options.get("PATH")
+    if not path:
+        problem = "IMAGETAGS['SEARCH']['OPTIONS']['PATH'] is not set"
+    elif not os.path.isdir(path):
+        problem = f"IMAGETAGS['SEARCH']['OPTIONS']['PATH'] = {str(path)!r} is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problem = f"IMAGETAGS['SEARCH']['OPTIONS']['PATH'] = {str(path)!r} is not writable"
+    else:
+        return errors
+    errors.append(
+        Error(
+            f"{problem}: the usearch backend keeps its index files there.",
+            hint="Point it at a local directory, writable by this process, that the web and "
+            "worker processes of this machine share (e.g. /var/lib/imagetags/search).",
+            id="imagetags.E008",
+        )
+    )
+    return errors
+
+
+@register(Tags.database)
+def check_pgvector_extension(
+    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+) -> list:
+    """The ``vector`` extension in the pgvector backend's database.
+
+    A database check: it opens a connection, so Django runs it only where databases are named —
+    ``manage.py check --database <alias>``, and ``migrate``, which checks its target database
+    before migrating — never at ``runserver``'s or every command's start."""
+    backend, options = _search_config()
+    alias = options.get("DATABASE", "default")
+    if backend != "pgvector" or not databases or alias not in databases:
+        return []
+    from django.apps import apps
+    from django.db import connections
+    from django.db.migrations.recorder import MigrationRecorder
+    from django.utils.connection import ConnectionDoesNotExist
+
+    from imagetags.contrib.pgvector.apps import PgvectorConfig
+    from imagetags.contrib.pgvector.extension import extension_installed, install_hint
+
+    try:
+        connection = connections[alias]
+    except ConnectionDoesNotExist:
+        return []  # imagetags.E004 says so
+    if connection.vendor != "postgresql" or extension_installed(connection):
+        return []
+    if apps.is_installed(PGVECTOR_APP):
+        applied = MigrationRecorder(connection).applied_migrations()
+        if not any(app == PgvectorConfig.label for app, _name in applied):
+            # migrate is about to create it (and checks before it migrates): no error to stop it.
+            return []
+    return [
+        Error(
+            f"The PostgreSQL database {alias!r} has no 'vector' extension: the pgvector search "
+            "backend cannot create its tables.",
+            hint="Run CREATE EXTENSION vector; in that database as a superuser, or add "
+            f"{PGVECTOR_APP!r} to INSTALLED_APPS and migrate (as a role that may create it). "
+            f"If the server lacks pgvector, {install_hint()}.",
+            id="imagetags.E005",
         )
     ]
 

@@ -5,6 +5,8 @@ while the clusters are rebuilt again and again.
     .venv/bin/python scripts/loadtest.py                 # 60 s, 4 clients, 2 gunicorn workers
     .venv/bin/python scripts/loadtest.py --short         # 10 s (what CI runs)
     .venv/bin/python scripts/loadtest.py --database-url postgresql://user:pw@127.0.0.1:5432/db
+    .venv/bin/python scripts/loadtest.py --database-url postgresql://… --search pgvector \
+        --library-size 100000                            # the pgvector engine, a large library
 
 What it does, all in a temporary folder that is removed afterwards:
 
@@ -12,7 +14,12 @@ What it does, all in a temporary folder that is removed afterwards:
    database of ``--database-url``, whose tables it creates), media folder, ``DEBUG = False``, and a
    throttle rate high enough not to be what is measured.
 2. ``migrate``; a user for the clients; the demo's drawn library (``make_demo_library``),
-   imported with its features; a first ``rebuild_clusters``.
+   imported with its features; with ``--library-size``, synthetic images added around the drawn
+   ones' vectors (each a copy of a drawn image's tags and its vector plus noise, cosine ≈ 0.9) up
+   to that many, so that search costs what it costs at that size; a first ``rebuild_clusters``.
+   ``--search`` sets ``IMAGETAGS["SEARCH"]``: ``exact`` (the app's default, left unset),
+   ``usearch`` (index files in the run's folder) or ``pgvector`` (in the ``--database-url``
+   database, with ``imagetags.contrib.pgvector`` installed to create the extension).
 3. gunicorn with ``--workers`` sync workers on a free port of 127.0.0.1; one warm-up request per
    worker (each loads the model once).
 4. ``--clients`` threads post one image at a time to ``POST /api/imagetags/suggestions/`` (HTTP
@@ -90,6 +97,18 @@ else:
     }
 # The API's throttle (60/min per user by default) is not what this measures.
 IMAGETAGS = {**IMAGETAGS, "API_THROTTLE_RATE": "1000000/min"}
+# --search: the vector-search engine (exact, the default, is left to the app).
+_search = os.environ.get("IMAGETAGS_LOAD_SEARCH", "exact")
+if _search == "pgvector":
+    from demo_site.settings import INSTALLED_APPS
+
+    IMAGETAGS["SEARCH"] = {"BACKEND": "pgvector", "OPTIONS": {"DATABASE": "default"}}
+    INSTALLED_APPS = [*INSTALLED_APPS, "imagetags.contrib.pgvector"]
+elif _search == "usearch":
+    IMAGETAGS["SEARCH"] = {
+        "BACKEND": "usearch",
+        "OPTIONS": {"PATH": os.environ["IMAGETAGS_LOAD_SEARCH_PATH"]},
+    }
 # The API is session-only by default; `--auth basic` opts into HTTP Basic as a site would.
 if os.environ.get("IMAGETAGS_LOAD_AUTH") == "basic":
     IMAGETAGS["API_AUTHENTICATION_CLASSES"] = [
@@ -132,6 +151,7 @@ class Report:
     database: str
     extractor: str
     library_images: int
+    search: str = "exact"
     requests: int = 0
     errors: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
@@ -169,8 +189,12 @@ class Site:
             "IMAGETAGS_LOAD_DB": str(self.root / "db.sqlite3"),
             "IMAGETAGS_EXTRACTOR": args.extractor,
             "IMAGETAGS_LOAD_AUTH": args.auth,
+            "IMAGETAGS_LOAD_SEARCH": args.search,
+            # usearch's index files: one folder that gunicorn's workers and the rebuilds share.
+            "IMAGETAGS_LOAD_SEARCH_PATH": str(self.root / "search"),
             "PYTHONUNBUFFERED": "1",
         }
+        (self.root / "search").mkdir()
         if args.database_url:
             self.env["IMAGETAGS_LOAD_DATABASE_URL"] = args.database_url
         self.gunicorn: subprocess.Popen | None = None
@@ -223,8 +247,17 @@ class Site:
         self.manage("make_demo_library", str(library), "--per-dish", str(self.args.per_dish))
         out = self.manage("import_library", str(library / "manifest.jsonl"), "--compute-features")
         say(out.strip().splitlines()[-1] if out.strip() else "imported")
-        self.manage("rebuild_clusters", "--k", "auto", "--top", "0")
-        return sum(1 for _ in (library / "images").iterdir())
+        drawn = sum(1 for _ in (library / "images").iterdir())
+        if self.args.library_size > drawn:
+            out = self.manage(
+                "shell",
+                "-c",
+                f"from scripts.loadtest import pad_library; print(pad_library({self.args.library_size}))",
+                timeout=3600,
+            )
+            say(f"library padded with synthetic images to {out.split()[-1]}")
+        self.manage("rebuild_clusters", "--k", "auto", "--top", "0", timeout=3600)
+        return max(drawn, self.args.library_size)
 
     def database_label(self) -> str:
         return "PostgreSQL" if self.args.database_url else "SQLite"
@@ -282,6 +315,80 @@ class Site:
             shutil.rmtree(self.root, ignore_errors=True)
         else:
             say(f"Kept {self.root}")
+
+
+def pad_library(total: int, seed: int = 0, cosine: float = 0.9) -> int:
+    """Add synthetic images until the library holds ``total``; returns how many it holds.
+
+    Runs inside the site's Django (``manage.py shell -c``). Each new image is a one-image post
+    with the counted tags of a drawn image chosen at random and that image's vector plus noise
+    (cosine ``cosine`` to it), under the current extractor key: neighbours and clusters keep the
+    drawn library's structure, as a larger library of the same dishes would. Written in bulk,
+    without signals (nothing is enqueued; the next rebuild counts them). No files are stored:
+    suggestions never open library images."""
+    import numpy as np
+    from django.db import transaction
+    from django.utils import timezone
+
+    from imagetags.core.vectors import from_bytes, l2_normalize
+    from imagetags.models import FeatureStatus, Post, PostTag, StockImage
+    from imagetags.services.rebuild import current_extractor_key
+    from imagetags.services.vectors import to_bytes
+
+    key = current_extractor_key()
+    drawn = list(
+        StockImage.objects.filter(feature_status=FeatureStatus.READY, extractor_key=key)
+        .exclude(vector=None)
+        .values_list("post_id", "vector")
+    )
+    have = StockImage.objects.count()
+    if have >= total or not drawn:
+        return have
+    tags: dict[int, list[int]] = {}
+    for post_id, tag_id in PostTag.objects.counted().values_list("post_id", "tag_id"):
+        tags.setdefault(post_id, []).append(tag_id)
+    sources = np.stack([from_bytes(vector) for _post, vector in drawn])
+    dim = sources.shape[1]
+    # |noise|² = sigma² · dim, so the cosine to the source is 1 / sqrt(1 + sigma² · dim).
+    sigma = np.float32(np.sqrt((1 / cosine**2 - 1) / dim))
+    rng = np.random.default_rng(seed)
+    now = timezone.now()
+    made = 0
+    while have + made < total:
+        count = min(5000, total - have - made)
+        chosen = rng.integers(0, len(drawn), count)
+        matrix = l2_normalize(
+            sources[chosen] + sigma * rng.standard_normal((count, dim), dtype=np.float32)
+        )
+        with transaction.atomic():
+            posts = Post.objects.bulk_create([Post(title="") for _ in range(count)])
+            PostTag.objects.bulk_create(
+                [
+                    PostTag(post=post, tag_id=tag_id, source="imported")
+                    for post, source in zip(posts, chosen, strict=True)
+                    for tag_id in tags.get(drawn[source][0], [])
+                ],
+                batch_size=2000,
+            )
+            StockImage.objects.bulk_create(
+                [
+                    StockImage(
+                        post=post,
+                        image=f"loadtest/pad-{have + made + i}.jpg",
+                        width=224,  # filled in, so Django does not open the (absent) file
+                        height=224,
+                        sha256=f"{have + made + i:064x}",
+                        feature_status=FeatureStatus.READY,
+                        extractor_key=key,
+                        vector=to_bytes(matrix[i]),
+                        features_updated=now,
+                    )
+                    for i, post in enumerate(posts)
+                ],
+                batch_size=1000,
+            )
+        made += count
+    return have + made
 
 
 def multipart(image: bytes, name: str) -> tuple[bytes, str]:
@@ -369,6 +476,7 @@ def run(args: argparse.Namespace) -> Report:
             database=site.database_label(),
             extractor=args.extractor,
             library_images=n_images,
+            search=args.search,
         )
         samples, rebuilds = drive(site, args, queries)
         summarise(report, samples, rebuilds)
@@ -472,7 +580,7 @@ def summarise(report: Report, samples: list[Sample], rebuilds: list[Rebuild]) ->
     report.cluster_sets_answering = sorted({s.cluster_set for s in samples if s.cluster_set})
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--duration", type=float, default=60.0, help="Seconds of load (default: %(default)s)."
@@ -513,6 +621,20 @@ def main(argv: list[str] | None = None) -> int:
         help="How clients authenticate: a logged-in session with its CSRF token, or HTTP Basic "
         "(a password hash per request) (default: %(default)s).",
     )
+    parser.add_argument(
+        "--search",
+        choices=["exact", "usearch", "pgvector"],
+        default="exact",
+        help="IMAGETAGS['SEARCH'] backend: exact, usearch (index files in the run's folder) or "
+        "pgvector (needs --database-url on a server with pgvector) (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--library-size",
+        type=int,
+        default=0,
+        help="Add synthetic images around the drawn library's vectors up to this many images, "
+        "e.g. 100000 (default: the drawn library alone).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the report to this file.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary folder.")
     args = parser.parse_args(argv)
@@ -523,7 +645,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration must be between 1 and 600 seconds")
     if not 1 <= args.clients <= 16:
         parser.error("--clients must be between 1 and 16")
+    if args.search == "pgvector" and not args.database_url:
+        parser.error("--search pgvector needs --database-url: a PostgreSQL database with pgvector")
+    if not 0 <= args.library_size <= 2_000_000:
+        parser.error("--library-size must be between 0 and 2,000,000")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     AUTH_MODE["mode"] = args.auth
     report = run(args)
     text = json.dumps(asdict(report), indent=2)
@@ -532,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text + "\n")
     latency = report.latency_ms
     say(
+        f"{report.search} search, {report.library_images} images: "
         f"{report.requests} requests, {report.errors} errors, "
         f"p50 {latency.get('p50', '-')} ms, p95 {latency.get('p95', '-')} ms, "
         f"{report.throughput_rps} req/s; {report.rebuilds} rebuilds, "

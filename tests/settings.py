@@ -151,6 +151,28 @@ def _extractor() -> dict:
 
 IMAGETAGS = {"EXTRACTOR": _extractor()}
 
+# IMAGETAGS_TEST_SEARCH picks the vector-search engine the suite serves with (.ci/run's third run:
+# pgvector); unset, the app's default (exact). pgvector searches in the test database itself,
+# whose server must have pgvector (tests/pgvector_server.py's has it in template1); usearch keeps
+# its files in one directory per session, handed to worker subprocesses through the environment.
+_SEARCH = os.environ.get("IMAGETAGS_TEST_SEARCH", "")
+if _SEARCH == "pgvector":
+    IMAGETAGS["SEARCH"] = {"BACKEND": "pgvector", "OPTIONS": {"DATABASE": "default"}}
+    INSTALLED_APPS.append("imagetags.contrib.pgvector")
+elif _SEARCH == "usearch":
+    if not os.environ.get("IMAGETAGS_TEST_SEARCH_PATH"):
+        import atexit
+        import shutil
+
+        os.environ["IMAGETAGS_TEST_SEARCH_PATH"] = tempfile.mkdtemp(prefix="imagetags-usearch-")
+        atexit.register(shutil.rmtree, os.environ["IMAGETAGS_TEST_SEARCH_PATH"], True)
+    IMAGETAGS["SEARCH"] = {
+        "BACKEND": "usearch",
+        "OPTIONS": {"PATH": os.environ["IMAGETAGS_TEST_SEARCH_PATH"]},
+    }
+elif _SEARCH not in ("", "exact"):
+    raise ValueError(f"IMAGETAGS_TEST_SEARCH must be exact, usearch or pgvector, not {_SEARCH!r}")
+
 # The REST API (imagetags.api) and its OpenAPI schema; Swagger UI's files come from the sidecar
 # package, so the UI works without a CDN.
 REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
