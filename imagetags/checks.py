@@ -122,13 +122,10 @@ PGVECTOR_MODULES = ("psycopg",)
 
 
 def _search_config() -> tuple[str, dict[str, Any]]:
-    """``IMAGETAGS["SEARCH"]``'s backend alias and options.
-
-    Read from the site's own dict, not from ``imagetags_settings.SEARCH``, while the key is not in
-    ``conf.DEFAULTS`` yet (its absence means the default, ``exact``)."""
+    """``IMAGETAGS["SEARCH"]``'s backend alias and options (not a dict: the default's)."""
     from imagetags.conf import imagetags_settings
 
-    config = imagetags_settings.user_settings.get("SEARCH") or {}
+    config = imagetags_settings.SEARCH or {}
     if not isinstance(config, dict):
         return "", {}
     options = config.get("OPTIONS") or {}
