@@ -207,8 +207,14 @@ def test_a_rebuild_for_an_engine_that_cannot_hold_the_set_fails_clearly_and_keep
         current["SEARCH"] = {"BACKEND": "usearch", "OPTIONS": {"PATH": str(blocked / "x")}}
         expected = "cannot be written"
     else:
-        with connection.cursor() as cursor:
-            cursor.execute("DROP EXTENSION vector CASCADE")
+        from django.db import DatabaseError, transaction
+
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("DROP EXTENSION vector CASCADE")
+        except DatabaseError:
+            # .ci/run's role, like a site's, does not own the extension (template1's).
+            pytest.skip("the test role may not drop the vector extension (run as its owner)")
         expected = "CREATE EXTENSION vector"
     settings.IMAGETAGS = current
     with pytest.raises(ClusteringError, match=expected):
