@@ -8,8 +8,12 @@ the work directory like the rebuild benchmark's; ``--fresh`` makes new ones): un
 cosine 0.5–0.7 to its centre (drawn per topic), posts of one to three images and their generic,
 topic and noise tags. Uniform random vectors would have no neighbours and defeat every ANN
 engine; these have neighbours the way CNN features of dishes do. ``bench.rebuild_worker rebuild``
-then clusters it (K=150, as the rebuild benchmark and the figures the issue cites) and each
-backend builds its index from the library (:attr:`Backend.build`).
+then clusters it (K=150, as the rebuild benchmark and the figures the issue cites). The engines
+are configured as a site configures them (``IMAGETAGS["SEARCH"]``): ``usearch`` on the same
+SQLite library with an index directory beside it; ``pgvector`` on a copy of the library in a
+throwaway PostgreSQL 18 + pgvector (``tests/pgvector_server.py``, started once per run; the
+library's rows copied by COPY with their keys). Their index is built by ``rebuild_clusters``
+itself (``services.engines.publish``), run twice: from no index, then from the first's.
 
 Every measurement of serving runs in a fresh process (``python -m bench.search serve``), one BLAS
 thread, as a web worker runs (README, Deployment), on the same query vectors: stored vectors of
@@ -19,19 +23,24 @@ random library images plus noise (new images of known topics), fixed by the seed
   first round (a process that did not warm up, loading what each query touches).
 - first suggestion of a fresh process: one query per process, no warm-up, median over processes.
 - recall@50: the share of the 50 exact nearest neighbours (brute force over every float32
-  library vector) that the backend's ``search`` returns for the query.
-- top-5 tags identical: queries whose five first suggested tags (in order) are those of
-  ``exact-knn``, today's voting over exact neighbours.
-- memory: what the process's anonymous (private, unsharable) memory grew by from before the first
-  suggestion to after the last (``/proc/self/smaps_rollup``); file-backed pages, which every
-  process mapping the same index file shares through the page cache, are in the note.
-- rebuild: ``rebuild_clusters`` end to end plus the backend's index build.
+  library vector) among the first 50 of what the serving path asks the backend for first
+  (``4 × NEIGHBOURS`` candidates: an engine's recall depends on how many it is asked for).
+- top-5 tags identical: queries whose five first suggested tags are those of ``exact-knn``
+  (today's voting over exact neighbours) as a set; the note gives the share in the same order.
+- memory: what the process's private memory (``Private_Clean + Private_Dirty``,
+  ``/proc/self/smaps_rollup``) grew by from before the first suggestion to after the last. For
+  usearch the parent maps the index file meanwhile, as a machine's other web workers do, so
+  the file's pages count as shared, not as this process's; pgvector's is the client side.
+- rebuild: ``rebuild_clusters`` end to end: with the engine for pgvector and usearch (the first
+  build, from no index; the second in the note, and each stage: reading, k-means, counting,
+  writing the set's rows, the engine, what follows the activation); the exact rows give the
+  library's rebuild on SQLite.
 
 Backends: ``exact`` (today's default: the inverted file, 6 probes), ``exact-knn`` (the same code
 searching every list: the reference, 1.0 on the quality rows by definition), and the engines the
-issue's targets are about, ``pgvector`` and ``usearch``. Those print "not available" and count as
-missed until they are installed and registered in ``imagetags.search``; a new backend is one
-:class:`Backend` entry in ``BACKENDS``.
+issue's targets are about, ``pgvector`` and ``usearch``; one that cannot run here (a package
+missing) prints "not available" and counts as missed. A new backend is one :class:`Backend`
+entry in ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -138,15 +147,19 @@ def _serve_engine() -> Served:
     """``suggest()`` with ``IMAGETAGS["SEARCH"]`` on an engine; the neighbours are the engine's
     own search over the whole set (``EngineVotingIndex.engine``)."""
     from imagetags.services.serving import serving_cache
-    from imagetags.services.suggest import active_cluster_set, suggest
+    from imagetags.services.suggest import active_cluster_set, suggest, vote_params
 
     def tags(vector: np.ndarray) -> list[str]:
         return [tag.name for tag in suggest(vector).tags]
 
     def neighbours(vector: np.ndarray, k: int) -> np.ndarray:
+        # What a suggestion's search asks the engine for first (voting.nearest_voters: four
+        # candidates per voter wanted), the nearest k of them: an engine's recall depends on
+        # how many it is asked for (pgvector's hnsw.ef_search follows k).
         index = serving_cache().voting_index(active_cluster_set())
-        ids, _sims = index.engine.search(vector[None, :], k)  # type: ignore[attr-defined]
-        return ids[0]
+        asked = max(k, 4 * vote_params().neighbours)
+        ids, _sims = index.engine.search(vector[None, :], asked)  # type: ignore[attr-defined]
+        return ids[0][:k]
 
     return Served(tags, neighbours)
 
@@ -459,8 +472,8 @@ def rows_for(
         "first": f"first suggest(vector) of a fresh process, no warm-up, {at}",
         "recall": f"recall@{NEIGHBOURS} of the neighbours vs exact k-NN, {at}",
         "top5": f"top-5 tags identical (as a set) to {REFERENCE}, {at}",
-        "memory": f"memory a web process adds for search (anonymous, private), {at}",
-        "rebuild": f"rebuild end to end (rebuild_clusters + index), {at}",
+        "memory": f"memory a web process adds for search (private), {at}",
+        "rebuild": f"rebuild_clusters end to end, {at}",
     }
     units = {"p50": " ms", "first": " ms", "memory": " MB", "rebuild": " s"}
     if result is None:
