@@ -20,7 +20,7 @@ from django.test import override_settings
 from imagetags.core import kmeans
 from imagetags.core import vectors as core_vectors
 from imagetags.images import open_image
-from imagetags.models import ClusterMembership, ClusterSetStatus, StockImage
+from imagetags.models import ClusterMembership, ClusterSetStatus, StockImage, TagFrequency
 from imagetags.services import rebuild, vectors
 from imagetags.services.errors import ClusteringError
 from imagetags.services.extractors import FeatureExtractor, get_extractor
@@ -258,14 +258,14 @@ def test_a_rebuild_writes_its_memberships_as_plain_rows(add_post, settings, monk
     for index in range(30):
         add_post([f"g{index % 3}"], [index % 3], jitter=0.1)
     settings.IMAGETAGS = {**settings.IMAGETAGS, "CHUNK_SIZE": 7}  # several chunks
-    real_init = ClusterMembership.__init__
+    for model in (ClusterMembership, TagFrequency):
 
-    def no_instance(self, *args, **kwargs):
-        if args or kwargs:  # rows read back from the database still become instances
-            raise AssertionError("a rebuild must not build a ClusterMembership per member")
-        real_init(self, *args, **kwargs)
+        def no_instance(self, *args, real_init=model.__init__, name=model.__name__, **kwargs):
+            if args or kwargs:  # rows read back from the database still become instances
+                raise AssertionError(f"a rebuild must not build a {name} per row")
+            real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(ClusterMembership, "__init__", no_instance)
+        monkeypatch.setattr(model, "__init__", no_instance)
     cluster_set = rebuild_clusters(k=3)
     monkeypatch.undo()
 
@@ -282,6 +282,12 @@ def test_a_rebuild_writes_its_memberships_as_plain_rows(add_post, settings, monk
     sizes = dict(cluster_set.clusters.values_list("index", "size"))
     assert sorted(sizes.values()) == [10, 10, 10]
     assert {i: sum(1 for r in rows if r[1] == i) for i in sizes} == sizes
+    # Three groups of ten one-image posts, each group with its own tag.
+    assert sorted(cluster_set.clusters.values_list("tag_frequencies__post_count", flat=True)) == [
+        10,
+        10,
+        10,
+    ]
 
 
 def test_streamed_and_in_memory_rebuilds_agree_on_separated_groups(add_post, settings):

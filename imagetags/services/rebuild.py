@@ -334,14 +334,14 @@ def _write_cluster_rows(
                     result.similarities[start:stop].astype(np.float64).tolist(),
                 ),
             )
-    TagFrequency.objects.bulk_create(
-        [
-            TagFrequency(cluster_id=cluster_ids[index], tag_id=tag_id, post_count=count)
-            for index, counter in enumerate(frequencies)
-            for tag_id, count in counter.items()
-        ],
-        batch_size=chunk,
-    )
+    # A (cluster, tag) pair per row: ~1,000 per cluster in a large library, plain rows too.
+    pairs = [
+        (cluster_ids[index], tag_id, count)
+        for index, counter in enumerate(frequencies)
+        for tag_id, count in counter.items()
+    ]
+    for start in range(0, len(pairs), chunk):
+        insert_rows(TagFrequency, ("cluster", "tag", "post_count"), pairs[start : start + chunk])
 
 
 # --- streaming rebuilds ----------------------------------------------------------------------
