@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from django.db import connections, models, router
+from django.db import connections, models, router, transaction
 from django.db.models import Count, QuerySet
 
 from imagetags.conf import imagetags_settings
@@ -215,7 +215,11 @@ def insert_rows(
     sql = f"INSERT INTO {quote(meta.db_table)} ({names}) VALUES ({values})"
     batch = [list(row) for row in rows]
     if batch:
-        with connection.cursor() as cursor:
+        # One transaction, as bulk_create's: in autocommit each row would commit on its own.
+        with (
+            transaction.atomic(using=connection.alias, savepoint=False),
+            connection.cursor() as cursor,
+        ):
             cursor.executemany(sql, batch)
 
 
