@@ -2,6 +2,7 @@
 search, from 10,000 to 1,000,000 images, per vector-search backend.
 
     python -m bench.plot_search RESULTS.json [MORE.json ...] --out docs/search-curve.png
+    python -m bench.plot_search RESULTS.json [MORE.json ...] --table   # the rows, as Markdown
 
 Reads the JSON that ``bench/run --only search --json FILE`` writes (several runs may be given,
 e.g. the 10k-100k run of every backend and the 1,000,000 run of some; a later file's figure
@@ -17,6 +18,8 @@ from typing import Any
 
 TARGET_P50_MS = 5.0
 TARGET_MEMORY_MB = 100.0
+#: The unit of a row, by how its name starts (the JSON keeps the value, not the unit).
+UNITS = {"suggest": " ms", "first": " ms", "memory": " MB", "rebuild": " s"}
 
 
 def figures(paths: list[Path]) -> dict[str, dict[int, dict[str, float]]]:
@@ -38,6 +41,7 @@ def plot(found: dict[str, dict[int, dict[str, float]]], out: Path) -> None:
 
     matplotlib.use("Agg")  # no display: a file
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
     for backend, sizes in sorted(found.items()):
@@ -51,6 +55,7 @@ def plot(found: dict[str, dict[int, dict[str, float]]], out: Path) -> None:
         axis.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(ScalarFormatter())  # 10, 100, not 10^1, 10^2
         axis.set_xlabel("library images")
         axis.set_ylabel(unit)
         axis.set_title(title, fontsize=10)
@@ -61,11 +66,38 @@ def plot(found: dict[str, dict[int, dict[str, float]]], out: Path) -> None:
     fig.savefig(out)
 
 
+def table(paths: list[Path]) -> str:
+    """Every run's issue-12 rows in one Markdown table (as ``bench/run`` prints them), each run's
+    load average before and after in a line above."""
+    from bench.common import Row, format_table
+
+    rows: list[Row] = []
+    loads = []
+    for path in paths:
+        results = json.loads(path.read_text())
+        facts = results["facts"]
+        loads.append(
+            f"{path.name}: load average {facts['machine_before'].get('load average')} before, "
+            f"{facts['machine_after'].get('load average')} after, {facts.get('seconds')} s"
+        )
+        for row in results["rows"]:
+            if row["target"] == "12":
+                unit = next(
+                    (u for prefix, u in UNITS.items() if row["name"].startswith(prefix)), ""
+                )
+                rows.append(Row("12", row["name"], row["value"], row["goal"], row["note"], unit))
+    return "\n".join(loads) + "\n\n" + format_table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("docs/search-curve.png"))
+    parser.add_argument("--table", action="store_true", help="print the rows instead")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.results))
+        return
     plot(figures(args.results), args.out)
     print(f"{args.out}: {args.out.stat().st_size / 1024:.0f} KB")
 
