@@ -117,9 +117,17 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
 
 
 def setup_django(
-    workdir: Path, name: str, imagetags: dict[str, Any], *, fresh_db: bool = True
+    workdir: Path,
+    name: str,
+    imagetags: dict[str, Any],
+    *,
+    fresh_db: bool = True,
+    database: dict[str, Any] | None = None,
 ) -> None:
     """Configure Django on ``<workdir>/<name>.sqlite3`` and ``<workdir>/<name>-media``, migrate.
+
+    ``database``: another ``DATABASES["default"]`` instead (the search benchmark's PostgreSQL);
+    ``fresh_db`` then only empties the media directory.
 
     Only IMAGETAGS keys the installed app knows are passed on (the settings dict grows while
     others work on the app, and the benchmark should not break over a key it does not need).
@@ -130,7 +138,7 @@ def setup_django(
     db = workdir / f"{name}.sqlite3"
     media = workdir / f"{name}-media"
     if fresh_db:
-        for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        for path in () if database else (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
             path.unlink(missing_ok=True)
         shutil.rmtree(media, ignore_errors=True)
     media.mkdir(parents=True, exist_ok=True)
@@ -169,7 +177,8 @@ def setup_django(
         MEDIA_ROOT=str(media),
         MEDIA_URL="/media/",
         DATABASES={
-            "default": {
+            "default": database
+            or {
                 "ENGINE": "django.db.backends.sqlite3",
                 "NAME": str(db),
                 "OPTIONS": {"timeout": 60},

