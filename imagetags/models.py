@@ -455,6 +455,9 @@ class ClusterSet(models.Model):
     heartbeat = models.DateTimeField(_("heartbeat"), null=True, blank=True)
     created = models.DateTimeField(_("created"), default=timezone.now)
     activated = models.DateTimeField(_("activated"), null=True, blank=True)
+    # The library-wide tag shares voting subtracts, computed by the worker (services.priors):
+    # {"n_images": members they were computed over, "shares": {vote_by: {tag: share}}}.
+    priors = models.JSONField(_("tag shares"), default=dict, blank=True, editable=False)
 
     objects = ClusterSetQuerySet.as_manager()
 

@@ -20,7 +20,7 @@ from imagetags.models import (
     FeatureStatus,
     StockImage,
 )
-from imagetags.services import engines, vectors
+from imagetags.services import engines, priors, vectors
 from imagetags.services.frequencies import add_posts_to_clusters
 from imagetags.services.store import read_centers
 
@@ -102,4 +102,6 @@ def assign_to_active_set(images: Iterable[StockImage]) -> int:
         ClusterSet.objects.filter(pk=active.pk).update(n_images=F("n_images") + len(new))
         # usearch: a newer file once enough members are newer than the served one.
         transaction.on_commit(lambda: engines.save_new_members(active))
+        # And the tag shares again once the set has grown by 1 % (a web process reads them).
+        transaction.on_commit(lambda: priors.refresh_if_grown(active))
     return len(new)

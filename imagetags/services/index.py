@@ -38,20 +38,20 @@ from typing import Any
 import numpy as np
 from django.core.signals import setting_changed
 from django.db import connections, router
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 
-from imagetags.core import counting, voting
+from imagetags.core import voting
 from imagetags.models import (
     ClusterMembership,
     ClusterSet,
     FeatureStatus,
     PostTag,
     StockImage,
-    Tag,
 )
 from imagetags.search.base import VectorSearch
 from imagetags.search.exact import ExactSearch
-from imagetags.services import engines, vectors
+from imagetags.services import engines, priors, vectors
+from imagetags.services.priors import owner_key
 from imagetags.services.store import IDS_PER_QUERY
 
 # Columns read for each member: enough to vote without touching the post again.
@@ -75,15 +75,6 @@ _RECHECK_KEYS = 4096
 # the rows held as Python objects during a load. A query probes 6, read together.
 _CLUSTERS_PER_READ = 16
 _SQL_BATCH = IDS_PER_QUERY
-
-
-def owner_key(owner_id: int | None, external_owner: str | None) -> str | None:
-    """A post's uploader: a site user, else the source system's owner (imports), else unknown."""
-    if owner_id is not None:
-        return f"user:{owner_id}"
-    if external_owner:
-        return f"external:{external_owner}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -369,50 +360,15 @@ class VotingIndex:
         self.priors(vote_by)
 
     def priors(self, vote_by: str) -> dict[str, float]:
-        """Library-wide share of voters carrying each counted tag, over the set's members
-        (computed on first use, and again once new members have grown the set by 1 %)."""
+        """Library-wide share of voters carrying each counted tag, over the set's members:
+        those the worker stored with the set (``services.priors``), read again once new members
+        have grown the set by 1 %; computed here only for a set that has none stored."""
         with self._lock:
             cached = self._priors.get(vote_by)
             if cached is not None:
                 return cached
-            posts = ClusterMembership.objects.filter(cluster_set_id=self.cluster_set_id).values(
-                "image__post_id"
-            )
-            if vote_by == "post":
-                # One SQL aggregate: posts of the set, and per tag how many of them carry it.
-                # A (post, tag) pair is unique, so rows per tag are its posts: grouping by the
-                # key, without joining Tag and counting DISTINCT, is what makes the first
-                # suggestion of a large set affordable; names come for the tags found.
-                n_posts = posts.order_by().distinct().count()
-                counts = dict(
-                    PostTag.objects.counted()
-                    .filter(post_id__in=posts)
-                    .order_by()
-                    .values_list("tag_id")
-                    .annotate(n=Count("pk"))
-                )
-                names = Tag.objects.filter(pk__in=list(counts)).values_list("pk", "name")
-                shares = {name: counts[pk] / n_posts for pk, name in names} if n_posts else {}
-            else:
-                owners = {
-                    pk: owner_key(owner_id, external)
-                    for pk, owner_id, external in ClusterMembership.objects.filter(
-                        cluster_set_id=self.cluster_set_id
-                    ).values_list(
-                        "image__post_id", "image__post__owner_id", "image__post__external_owner"
-                    )
-                }
-                post_tags: dict[int, set[str]] = {pk: set() for pk in owners}
-                for post_id, name in (
-                    PostTag.objects.counted()
-                    .filter(post_id__in=posts)
-                    .values_list("post_id", "tag__name")
-                ):
-                    post_tags[post_id].add(name)
-                shares = counting.prior_shares(
-                    post_tags,
-                    {pk: voting.voter_of(pk, owner, vote_by) for pk, owner in owners.items()},
-                )
+            found = priors.stored(self.cluster_set_id, vote_by)
+            shares = found[0] if found is not None else priors.compute(self.cluster_set_id, vote_by)
             self._priors[vote_by] = shares
             self._priors_added = self._added
             return shares

@@ -30,7 +30,7 @@ from imagetags.models import (
     StockImage,
     TagFrequency,
 )
-from imagetags.services import engines, vectors
+from imagetags.services import engines, priors, vectors
 from imagetags.services.assign import assign_to_active_set
 from imagetags.services.errors import ClusteringError
 from imagetags.services.extractors import get_extractor
@@ -274,8 +274,9 @@ def _rebuild_clusters(
                 "progress_message",
             ]
         )
-        # The engine holds the new members before any process can serve the set.
+        # The engine and the tag shares are ready before any process can serve the set.
         engines.publish(cluster_set, ClusterSet.objects.active(), say)
+        priors.store(cluster_set)
         cluster_set.activate()
     except Exception as exc:
         ClusterSet.objects.filter(pk=cluster_set.pk).update(
