@@ -258,3 +258,26 @@ def test_a_rebuild_changes_only_the_images_that_joined_or_left(library, backend,
         assert any("15 vectors" in line and "(15 added, 0 removed)" in line for line in said)
     else:  # PostgreSQL's index keeps itself tidy (VACUUM)
         assert any("0 vectors added, 6 removed" in line for line in said), said
+
+
+def test_usearch_a_batch_committed_after_a_later_one_still_votes(library, backend, add_post):
+    """PostgreSQL hands out keys before commit: a batch can commit after a later one, with
+    lower membership keys than those a process has already read (services/index.py)."""
+    if backend != "usearch":
+        pytest.skip("usearch only: members newer than the file come from the database")
+    from django.db.models import Max
+
+    from imagetags.models import ClusterMembership
+
+    query = unit(1, 0.0)
+    early = add_post(["food", "soup", "early"], [1], jitter=0.0)
+    late = add_post(["food", "soup", "late"], [1], jitter=0.0)
+    suggest(query)  # the process has read the members newer than the file: none
+    assign_to_active_set(early.images.all())
+    early_key = ClusterMembership.objects.aggregate(Max("pk"))["pk__max"]
+    assert "early" in names(suggest(query))  # read: the newest key seen is now early's
+    # The late batch commits now, with a key below early's (taken before early committed).
+    ClusterMembership.objects.filter(pk=early_key).update(id=early_key + 10)
+    assign_to_active_set(late.images.all())
+    ClusterMembership.objects.filter(image__post=late).update(id=early_key)
+    assert {"early", "late"} <= set(names(suggest(query)))

@@ -50,7 +50,7 @@ from imagetags.models import (
 )
 from imagetags.search.base import VectorSearch
 from imagetags.search.exact import ExactSearch
-from imagetags.services import engines, priors, vectors
+from imagetags.services import engines, priors, store, vectors
 from imagetags.services.priors import owner_key
 from imagetags.services.store import IDS_PER_QUERY
 
@@ -425,31 +425,37 @@ class EngineVotingIndex(VotingIndex):
         # Members the file does not hold yet: those above its watermark, and those just below
         # it that committed late (engines.RECHECK_KEYS), read into an exact search of one list.
         self.newer = ExactSearch(np.zeros((1, self.dim), dtype=np.float32))
-        self._newer_watermark = self.file.watermark - engines.RECHECK_KEYS
+        self._newer_seen = self.file.watermark
         self._add_newer()
 
     def _add_newer(self) -> int:
+        """Read the members the file lacks into ``newer``: keys first (those just below the
+        newest seen too, as they may commit late), vectors only for images neither holds."""
+        keys = list(
+            ClusterMembership.objects.filter(
+                cluster_set_id=self.cluster_set_id,
+                pk__gt=self._newer_seen - engines.RECHECK_KEYS,
+            ).values_list("pk", "image_id")
+        )
+        if not keys:
+            return 0
+        self._newer_seen = max(self._newer_seen, max(pk for pk, _image in keys))
+        assert self.newer is not None
+        ids = np.unique(np.fromiter((image for _pk, image in keys), np.int64, len(keys)))
+        ids = ids[~self.engine.contains(ids) & ~self.newer.contains(ids)]  # type: ignore[attr-defined]  # usearch
         rows = [
             row
+            for part in store.batched(ids.tolist())
             for row in ClusterMembership.objects.filter(
-                cluster_set_id=self.cluster_set_id, pk__gt=self._newer_watermark
-            )
-            .order_by("pk")
-            .values_list(*_NEW_MEMBER_FIELDS)
-            .iterator(chunk_size=2000)
+                cluster_set_id=self.cluster_set_id, image_id__in=part
+            ).values_list(*_NEW_MEMBER_FIELDS)
             if self._usable(row)
         ]
-        if not rows:
-            return 0
-        self._newer_watermark = max(row[3] for row in rows)
-        ids = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
-        assert self.newer is not None
-        fresh = ~self.engine.contains(ids) & ~self.newer.contains(ids)  # type: ignore[attr-defined]  # usearch
-        if fresh.any():
-            keep = [row for row, new in zip(rows, fresh.tolist(), strict=True) if new]
-            matrix = vectors.stack([row[2] for row in keep], self.dim, count=len(keep))
-            self.newer.add(ids[fresh], matrix, np.zeros(len(keep), dtype=np.int64))
-        return int(fresh.sum())
+        if rows:
+            matrix = vectors.stack([row[2] for row in rows], self.dim, count=len(rows))
+            found = np.fromiter((row[1] for row in rows), np.int64, len(rows))
+            self.newer.add(found, matrix, np.zeros(len(rows), dtype=np.int64))
+        return len(rows)
 
     def refresh(self) -> int:
         """Take in what the worker added since the last look: for usearch, a newer file of the
