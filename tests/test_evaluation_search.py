@@ -44,7 +44,8 @@ from tests.vector_data import structured_vectors
 
 VOTING = VoteParams()  # the VOTING setting's defaults: 20 neighbours, T=0.05, prior 0.1
 # The variables that make tests/settings.py choose PostgreSQL, or name another database file.
-SQLITE_UNLESS = ("IMAGETAGS_TEST_DATABASE_URL", "IMAGETAGS_TEST_DB")
+# The site the subprocess is: SQLite, the default search (.ci/run's pgvector pass sets both).
+SQLITE_UNLESS = ("IMAGETAGS_TEST_DATABASE_URL", "IMAGETAGS_TEST_DB", "IMAGETAGS_TEST_SEARCH")
 AGREEMENT = {f"recall_at_{RECALL_DEPTH}", "same_top_k_set", "same_top_k_order", "build_seconds"}
 
 
