@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
 from imagetags.models import ClusterSet, Post, StockImage
@@ -281,3 +282,28 @@ def test_usearch_a_batch_committed_after_a_later_one_still_votes(library, backen
     assign_to_active_set(late.images.all())
     ClusterMembership.objects.filter(image__post=late).update(id=early_key)
     assert {"early", "late"} <= set(names(suggest(query)))
+
+
+def test_the_engines_search_effort_comes_from_the_options(library, backend, settings):
+    if backend == "exact":
+        pytest.skip("exact compares every member it probes")
+    name = "EXPANSION_SEARCH" if backend == "usearch" else "EF_SEARCH"
+    search = dict(settings.IMAGETAGS["SEARCH"])
+    settings.IMAGETAGS = {
+        **settings.IMAGETAGS,
+        "SEARCH": {**search, "OPTIONS": {**search["OPTIONS"], name: 300}},
+    }
+    assert "cake" in names(suggest(unit(0, 0.05)))
+    engine = serving_cache().loaded_index.engine
+    if backend == "usearch":
+        assert engine._index.expansion_search == 300
+    else:
+        assert engine.ef_search == 300
+
+    settings.IMAGETAGS = {
+        **settings.IMAGETAGS,
+        "SEARCH": {**search, "OPTIONS": {**search["OPTIONS"], name: "lots"}},
+    }
+    serving_cache().reset()
+    with pytest.raises(ImproperlyConfigured, match=f"{name}'] must be a positive integer"):
+        suggest(unit(0, 0.05))

@@ -119,11 +119,16 @@ class PgvectorSearch(VectorSearch):
 
     alias = "pgvector"
 
-    def __init__(self, connect: Connect, table: str, dim: int) -> None:
-        """A search over the existing ``table`` (see :meth:`create` and :meth:`open`)."""
+    def __init__(
+        self, connect: Connect, table: str, dim: int, *, ef_search: int | None = None
+    ) -> None:
+        """A search over the existing ``table`` (see :meth:`create` and :meth:`open`).
+        ``ef_search``: the HNSW candidate list of a query (at least its ``k``; None: 40,
+        pgvector's default): more finds more of the true neighbours, at more cost."""
         self.connect = connect
         self.table = _checked(table)
         self.dim = int(dim)
+        self.ef_search = ef_search
 
     # --- tables -----------------------------------------------------------------------------
 
@@ -227,7 +232,7 @@ class PgvectorSearch(VectorSearch):
         notion; the ``list`` column is kept for filters and for rebuilding an ExactSearch)."""
         queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         found: list[tuple[np.ndarray, np.ndarray]] = []
-        ef_search = min(MAX_EF_SEARCH, max(40, k))
+        ef_search = min(MAX_EF_SEARCH, max(self.ef_search or 40, k))
         with self._cursor() as cursor:
             # SET cannot take a parameter; the values are ints made here.
             cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search}")

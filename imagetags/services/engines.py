@@ -94,6 +94,14 @@ def search_setting() -> SearchSetting:
     missing = get_search_class(backend).missing_requirement()
     if missing:
         raise ImproperlyConfigured(missing)
+    for name in ("EF_SEARCH", "EXPANSION_SEARCH"):
+        value = options.get(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ImproperlyConfigured(
+                f"IMAGETAGS['SEARCH']['OPTIONS']['{name}'] must be a positive integer, not {value!r}."
+            )
     if backend == "usearch" and not options.get("PATH"):
         raise ImproperlyConfigured(
             "IMAGETAGS['SEARCH']['OPTIONS']['PATH'] must name a local directory for the usearch "
@@ -130,6 +138,7 @@ def pgvector_table(cluster_set: ClusterSet) -> PgvectorSearch:
         _connect(_database()),
         table_name(cluster_set.extractor_key, cluster_set.dim),
         cluster_set.dim,
+        ef_search=search_setting().options.get("EF_SEARCH"),
     )
 
 
@@ -217,7 +226,9 @@ def open_usearch(cluster_set: ClusterSet) -> tuple[UsearchSearch, IndexFile]:
     """The set's newest file, memory-mapped read-only."""
     newest = newest_index_file(cluster_set)
     try:
-        return UsearchSearch.open(newest.path, view=True), newest
+        expansion = search_setting().options.get("EXPANSION_SEARCH")
+        options = {} if expansion is None else {"expansion_search": expansion}
+        return UsearchSearch.open(newest.path, view=True, **options), newest
     except SearchIndexError as error:
         raise SearchIndexUnavailable(
             f"{error} Run `manage.py rebuild_clusters` to write a new one."
