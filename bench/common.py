@@ -87,6 +87,22 @@ class Context:
 # --- timing ----------------------------------------------------------------------------------
 
 
+def run_step(command: list[str], *, one_blas_thread: bool) -> dict[str, Any]:
+    """Run one benchmark step in a fresh process and return the JSON line it prints last.
+    ``one_blas_thread``: as a web worker should run (README, Deployment) — with OpenBLAS's
+    threads on two busy cores, warm suggestions swung by up to 5×."""
+    env = dict(os.environ)
+    if one_blas_thread:
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, "1")
+    done = subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def interleave(
     variants: dict[str, Callable[[], float | None]], rounds: int
 ) -> dict[str, list[float]]:

@@ -11,30 +11,17 @@ machine was.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from typing import Any
 
-from bench.common import PROJECT_ROOT, Context, Row
+from bench.common import Context, Row, run_step
 
 FLATTEN_DIM = 100_352
 
 
 def worker(ctx: Context, *args: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.rebuild_worker", *args, "--workdir", str(ctx.workdir)]
-    env = dict(os.environ)
-    if args[0] == "suggest":
-        # As a web worker should run (README, Deployment): one BLAS thread per process. With
-        # OpenBLAS's threads on two busy cores, warm suggestions swung by up to 5×.
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, "1")
-    done = subprocess.run(
-        command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, env=env
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_step(command, one_blas_thread=args[0] == "suggest")
 
 
 def library(ctx: Context, n: int, dim: int) -> str:

@@ -51,7 +51,6 @@ import importlib.util
 import json
 import mmap
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import DEFAULT_WORKDIR, PROJECT_ROOT, Context, Row, median
+from bench.common import DEFAULT_WORKDIR, Context, Row, median, run_step
 
 DIM = 512
 K = 150
@@ -349,16 +348,7 @@ def backend(alias: str) -> Backend:
 def worker(ctx: Context, module: str, *args: str) -> dict[str, Any]:
     """Run one step in a fresh process and return the JSON line it prints last."""
     command = [sys.executable, "-m", module, *args, "--workdir", str(ctx.workdir)]
-    env = dict(os.environ)
-    # As a web worker should run (README, Deployment): one BLAS thread per process.
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(name, "1")
-    done = subprocess.run(
-        command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, env=env
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_step(command, one_blas_thread=True)
 
 
 def prepare(ctx: Context, n: int, queries: int) -> dict[str, Any]:

@@ -155,3 +155,15 @@ def get_search_class(alias: str) -> type[VectorSearch]:
 def search_aliases() -> list[str]:
     """Every registered backend's alias, runnable here or not (``missing_requirement``)."""
     return sorted(_BACKENDS)
+
+
+def padded(found: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query (ids, similarities) of different lengths as (q, w) arrays, padded with -1 and
+    -inf: the shape every backend's ``search`` returns."""
+    width = max((ids.shape[0] for ids, _sims in found), default=0)
+    ids_out = np.full((len(found), width), -1, dtype=np.int64)
+    sims_out = np.full((len(found), width), -np.inf, dtype=np.float32)
+    for row, (ids, sims) in enumerate(found):
+        ids_out[row, : ids.shape[0]] = ids
+        sims_out[row, : sims.shape[0]] = sims
+    return ids_out, sims_out

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from imagetags.core.vectors import BFLOAT16, block_similarities, to_bfloat16
-from imagetags.search.base import SearchIndexError, VectorSearch, register, write_atomically
+from imagetags.search.base import SearchIndexError, VectorSearch, padded, register, write_atomically
 
 # Reads lists on first use: yields (list, ids, float32 vectors) for each list asked for.
 Loader = Callable[[Sequence[int]], Iterable[tuple[int, np.ndarray, np.ndarray]]]
@@ -213,13 +213,7 @@ class ExactSearch(VectorSearch):
         found = [self.search_lists(query, k, self.probe(query, probes)) for query in queries]
         if len(found) == 1:  # one query (a suggestion): nothing to pad
             return found[0][0][None, :], found[0][1][None, :]
-        width = max((ids.shape[0] for ids, _sims in found), default=0)
-        ids_out = np.full((len(found), width), -1, dtype=np.int64)
-        sims_out = np.full((len(found), width), -np.inf, dtype=np.float32)
-        for row, (ids, sims) in enumerate(found):
-            ids_out[row, : ids.shape[0]] = ids
-            sims_out[row, : sims.shape[0]] = sims
-        return ids_out, sims_out
+        return padded(found)
 
     def search_lists(
         self, query: np.ndarray, k: int, lists: np.ndarray | Sequence[int]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imagetags.search.base import VectorSearch, register
+from imagetags.search.base import VectorSearch, padded, register
 
 if TYPE_CHECKING:
     import os
@@ -251,13 +251,7 @@ class PgvectorSearch(VectorSearch):
                 ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
                 distances = np.fromiter((row[1] for row in rows), dtype=np.float64, count=len(rows))
                 found.append((ids, (1.0 - distances).astype(np.float32)))
-        width = max((ids.shape[0] for ids, _sims in found), default=0)
-        ids_out = np.full((len(found), width), -1, dtype=np.int64)
-        sims_out = np.full((len(found), width), -np.inf, dtype=np.float32)
-        for row, (ids, sims) in enumerate(found):
-            ids_out[row, : ids.shape[0]] = ids
-            sims_out[row, : sims.shape[0]] = sims
-        return ids_out, sims_out
+        return padded(found)
 
     # --- "files": table names ---------------------------------------------------------------
 
