@@ -47,6 +47,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from imagetags.conf import imagetags_settings
+from imagetags.contrib.pgvector.extension import extension_installed, install_hint
 from imagetags.models import ClusterMembership, ClusterSet, FeatureStatus
 from imagetags.search import get_search_class, search_aliases
 from imagetags.search.base import SearchIndexError, VectorSearch
@@ -122,7 +123,9 @@ def _database() -> str:
     return search_setting().options.get("DATABASE", "default")
 
 
-def _connect(alias: str) -> Callable[[], Any]:
+def django_connect(alias: str) -> Callable[[], Any]:
+    """For :class:`PgvectorSearch`: the DB-API connection under Django's database ``alias``."""
+
     def connect() -> Any:
         # The thread's Django connection: the engine's statements join its transaction.
         connection = connections[alias]
@@ -135,7 +138,7 @@ def _connect(alias: str) -> Callable[[], Any]:
 def pgvector_table(cluster_set: ClusterSet) -> PgvectorSearch:
     """The pgvector table of the set's extractor (which may not exist yet)."""
     return PgvectorSearch(
-        _connect(_database()),
+        django_connect(_database()),
         table_name(cluster_set.extractor_key, cluster_set.dim),
         cluster_set.dim,
         ef_search=search_setting().options.get("EF_SEARCH"),
@@ -309,15 +312,13 @@ def pgvector_problem(alias: str) -> str | None:
             f"IMAGETAGS['SEARCH'] is pgvector, but the database {alias!r} is "
             f"{connection.vendor}: pgvector needs PostgreSQL (OPTIONS['DATABASE'] names it)."
         )
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
-        if cursor.fetchone() is None:
-            return (
-                f"The database {alias!r} has no pgvector extension. As a superuser, run "
-                "`CREATE EXTENSION vector;` in it (or add imagetags.contrib.pgvector to "
-                "INSTALLED_APPS and migrate as a role that may create it); the server needs "
-                "pgvector installed (e.g. the postgresql-16-pgvector package)."
-            )
+    if not extension_installed(connection):
+        return (
+            f"The database {alias!r} has no pgvector extension. As a superuser, run "
+            "`CREATE EXTENSION vector;` in it (or add imagetags.contrib.pgvector to "
+            "INSTALLED_APPS and migrate as a role that may create it); if the server lacks "
+            f"pgvector, {install_hint()}."
+        )
     return None
 
 
@@ -397,9 +398,9 @@ def add_members(cluster_set: ClusterSet, image_ids: list[int], matrix: np.ndarra
     search.add(ids, matrix, np.zeros(len(ids), dtype=np.int64))
 
 
-def save_new_members(cluster_set: ClusterSet, *, force: bool = False) -> IndexFile | None:
+def save_new_members(cluster_set: ClusterSet) -> IndexFile | None:
     """usearch: write a newer file of the set once enough members are newer than the served
-    one (``force``: whatever their number), and delete the older files. One worker at a time
+    one, and delete the older files. One worker at a time
     (an advisory lock); returns the new file, or None when nothing was written."""
     if search_setting().backend != "usearch":
         return None
@@ -415,7 +416,7 @@ def save_new_members(cluster_set: ClusterSet, *, force: bool = False) -> IndexFi
         # Counted on the mapped file (cheap); read whole only when a new one is written.
         view = UsearchSearch.open(newest.path, view=True)
         joining = newer[~view.contains(newer)]
-        if not force and len(joining) < max(RESAVE_AFTER, RESAVE_SHARE * len(view)):
+        if len(joining) < max(RESAVE_AFTER, RESAVE_SHARE * len(view)):
             return None
         del view
         search = UsearchSearch.open(newest.path, view=False)

@@ -94,6 +94,9 @@ class Neighbours:
 class VotingIndex:
     """The active set's centres and, loaded on first use, its clusters' member vectors."""
 
+    #: The IMAGETAGS["SEARCH"] backend whose candidates this index votes over.
+    backend: str = "exact"
+
     #: A set whose vectors take at most this many bytes (32,768 × 512-d) is read whole by the
     #: first query, in one go (~0.1 s at 10,000 images), rather than a cluster at a time by each
     #: query that probes a new one: a small site never pays a load inside a later suggestion.
@@ -320,7 +323,7 @@ class VotingIndex:
             tag_sets=voters.tag_sets,  # type: ignore[arg-type]  # tag names
             probes=probes,
             searched=searched,
-            engine=getattr(self, "backend", "exact"),
+            engine=self.backend,
         )
         return ranked, neighbours
 

@@ -20,6 +20,7 @@ import numpy as np
 from imagetags.search import ExactSearch, PgvectorSearch, UsearchSearch, VectorSearch
 from imagetags.search.base import get_search_class
 from imagetags.search.pgvector import Connect
+from imagetags.services import engines
 from imagetags.services.evaluation.data import EvaluationError
 
 #: The backend every other one is measured against.
@@ -133,10 +134,7 @@ def django_connect(alias: str) -> Connect:
             "pip install 'django-imagetags[pgvector]'."
         )
 
-    def connect() -> Any:
-        connection.ensure_connection()
-        return connection.connection
-
+    connect = engines.django_connect(alias)
     check_pgvector(connect, where)
     return connect
 
