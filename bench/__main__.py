@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         help="vector-search backends to measure, by alias (e.g. 'exact,usearch'; default: all; "
         "the reference exact-knn always runs)",
     )
+    parser.add_argument(
+        "--search-library",
+        default="cnn",
+        choices=["cnn", "isotropic"],
+        help="how the search benchmark's synthetic images vary inside a topic: 'cnn' "
+        "(calibrated on feedme-dev's MobileNetV2 features, bench/structure.py) or 'isotropic' "
+        "(no near neighbours inside a topic: a stress case); default %(default)s",
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the rows and facts here"
@@ -113,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         default_sizes = "1000,10000" if args.quick else "10000,100000,1000000"
         sizes = [int(s) for s in (args.sizes or default_sizes).split(",") if s]
         only = args.search_backends.split(",") if args.search_backends else None
-        search.run(ctx, sizes, [alias.strip() for alias in only] if only else None)
+        search.run(
+            ctx,
+            sizes,
+            [alias.strip() for alias in only] if only else None,
+            structure=args.search_library,
+        )
 
     ctx.facts["machine_after"] = machine_summary()
     ctx.facts["seconds"] = round(time.perf_counter() - started, 1)

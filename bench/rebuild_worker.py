@@ -21,6 +21,7 @@ import cProfile
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,82 @@ def topic_weights(topics: int, zipf: float) -> np.ndarray | None:
     return weights / weights.sum()
 
 
+@dataclass(frozen=True)
+class TopicModel:
+    """The hidden topics a synthetic library's vectors are drawn around, and how to draw one.
+
+    An image of topic ``t`` is ``centre[t] + noise``, normalised, with ``|noise|²`` set so that
+    its cosine to the centre is ``cosine[t]``. With ``rank`` 0 the noise is isotropic in all
+    ``dim`` dimensions: a topic's images are then nearly equidistant from each other (intrinsic
+    dimension ~85 at 300 images a topic), which no CNN feature set looks like. With ``rank`` r,
+    ``1 - isotropic`` of the noise variance lies in an r-dimensional subspace of the topic (its
+    own basis) and the rest is isotropic, so images have near and far neighbours inside a topic,
+    as photos of one dish do (some close-ups, some plates on a table). ``bench/structure.py``
+    measures both against feedme-dev's MobileNetV2 features; rank 40 with 0.3 isotropic matches
+    their local intrinsic dimension (~32) and their gap between the 1st and 50th neighbour.
+    The same ``seed`` and parameters give the same topics, so queries can be new images of the
+    library's topics (``draw``) without storing the topics.
+    """
+
+    centres: np.ndarray  # (topics, dim) unit vectors
+    cosine: np.ndarray  # (topics,) an image's cosine to its centre
+    bases: np.ndarray | None  # (topics, dim, rank) or None when the noise is isotropic
+    isotropic: float
+
+    @classmethod
+    def make(
+        cls,
+        topics: int,
+        dim: int,
+        seed: int,
+        cosine: tuple[float, float] = (0.6, 0.6),
+        rank: int = 0,
+        isotropic: float = 0.3,
+    ) -> TopicModel:
+        rng = np.random.default_rng(seed)
+        centres = _unit(rng.normal(size=(topics, dim)).astype(np.float32))
+        if cosine[0] == cosine[1]:
+            per_topic = np.full(topics, cosine[0], dtype=np.float64)
+        else:
+            per_topic = rng.uniform(cosine[0], cosine[1], topics)
+        bases = None
+        if rank:
+            # Its own generator, so the isotropic libraries (rank 0) stay what they were.
+            basis_rng = np.random.default_rng([seed, rank])
+            # Gaussian columns scaled by 1/sqrt(dim) are nearly orthonormal at dim ≫ rank.
+            bases = basis_rng.standard_normal((topics, dim, rank), dtype=np.float32)
+            bases /= np.float32(np.sqrt(dim))
+        return cls(centres, per_topic, bases, isotropic if rank else 1.0)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.bases is None else self.bases.shape[2]
+
+    def draw(self, topic_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Unit vectors of new images of these topics (float32, one row each)."""
+        dim = self.centres.shape[1]
+        variance = (1 / self.cosine[topic_ids] ** 2 - 1).astype(np.float32)[:, None]
+        spread = np.sqrt(variance * self.isotropic / dim)
+        matrix = self.centres[topic_ids] + spread * rng.standard_normal(
+            (len(topic_ids), dim), dtype=np.float32
+        )
+        if self.bases is not None:
+            rank = self.rank
+            # The basis columns have about unit length, so a z of variance v·(1-isotropic)/rank
+            # per coordinate adds v·(1-isotropic) to |noise|².
+            scale = np.sqrt(variance * (1 - self.isotropic) / rank)
+            z = scale * rng.standard_normal((len(topic_ids), rank), dtype=np.float32)
+            for topic in np.unique(topic_ids):
+                rows = topic_ids == topic
+                matrix[rows] += z[rows] @ self.bases[topic].T
+        return _unit(matrix)
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    # Plain NumPy, as services.vectors.l2_normalize, so bench.structure needs no Django.
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
 def populate(
     workdir: Path,
     name: str,
@@ -55,6 +132,8 @@ def populate(
     topics: int = TOPICS,
     zipf: float = 0.0,
     cosine: tuple[float, float] = (0.6, 0.6),
+    rank: int = 0,
+    isotropic: float = 0.3,
 ) -> dict:
     setup_django(workdir, name, {"EXTRACTOR": extractor_config(dim), "AUTO_FEATURES": False})
     from django.db import connection, transaction
@@ -69,15 +148,12 @@ def populate(
     assert get_extractor().dim == dim, (get_extractor().dim, dim)
     rng = np.random.default_rng(seed)
     n_topics = topics
-    topics = vectors.l2_normalize(rng.normal(size=(n_topics, dim)).astype(np.float32))
-    # Noise so that an image's cosine to its topic is about 0.6 (or drawn per topic from the
-    # ``cosine`` range), as CNN features of one kind of dish are to their mean. |noise|² is
-    # sigma² · dim, so cos = 1 / sqrt(1 + sigma² · dim).
-    if cosine[0] == cosine[1]:
-        sigma = np.float32(np.sqrt((1 / cosine[0] ** 2 - 1) / dim))
-    else:
-        per_topic = rng.uniform(cosine[0], cosine[1], n_topics)
-        sigma = np.sqrt((1 / per_topic**2 - 1) / dim).astype(np.float32)
+    # An image's cosine to its topic is about 0.6 (or drawn per topic from the ``cosine``
+    # range), as CNN features of one kind of dish are to their mean.
+    model = TopicModel.make(n_topics, dim, seed, cosine, rank, isotropic)
+    rng.normal(size=(n_topics, dim))  # the draws TopicModel made: the posts' stream as before
+    if cosine[0] != cosine[1]:
+        rng.uniform(cosine[0], cosine[1], n_topics)
     weights = topic_weights(n_topics, zipf)
     names = ["food", "tasty"] + [f"topic{t}-{j}" for t in range(n_topics) for j in range(4)]
     names += [f"word{w}" for w in range(NOISE_WORDS)]
@@ -120,11 +196,7 @@ def populate(
             PostTag.objects.bulk_create(post_tags, batch_size=2000)
             image_topics = np.repeat(post_topics, sizes)
             image_posts = np.repeat([post.pk for post in posts], sizes)
-            spread = sigma if sigma.ndim == 0 else sigma[image_topics, None]
-            matrix = topics[image_topics] + spread * rng.standard_normal(
-                (total, dim), dtype=np.float32
-            )
-            matrix = vectors.l2_normalize(matrix)
+            matrix = model.draw(image_topics, rng)
             StockImage.objects.bulk_create(
                 [
                     StockImage(
@@ -151,6 +223,9 @@ def populate(
         "topics": n_topics,
         "zipf": zipf,
         "cosine": list(cosine),
+        "rank": rank,
+        "isotropic": model.isotropic,
+        "seed": seed,
         "seconds": time.perf_counter() - started,
     }
 
@@ -309,6 +384,18 @@ def main() -> None:
         default="0.6,0.6",
         help="populate: range of an image's cosine to its topic, drawn per topic (%(default)s)",
     )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="populate: dimensions of a topic's own subspace (0: isotropic noise, %(default)s)",
+    )
+    parser.add_argument(
+        "--isotropic",
+        type=float,
+        default=0.3,
+        help="populate, with --rank: share of the noise variance outside it (%(default)s)",
+    )
     parser.add_argument("--method", default=None, help="suggest step: a suggest() method")
     parser.add_argument("--queries", type=int, default=50, help="suggest step: %(default)s")
     parser.add_argument(
@@ -331,6 +418,8 @@ def main() -> None:
             topics=args.topics,
             zipf=args.zipf,
             cosine=(low, high),
+            rank=args.rank,
+            isotropic=args.isotropic,
         )
     elif args.step == "rebuild":
         result = rebuild(args.workdir, args.name, args.dim, args.k, args.memory_mb)

@@ -13,7 +13,16 @@ class ImageTagsConfig(AppConfig):
         from imagetags import checks, signal_handlers  # noqa: F401
 
         signal_handlers.register_signal_handlers()
+        _import_search_modules()
         start_warm_up()
+
+
+def _import_search_modules() -> None:
+    # Code, not data: what a web process imports for its searches, imported while it starts
+    # like the rest of its code (WARM_UP, below, is what loads data before the first request).
+    from imagetags.services import engines
+
+    engines.import_backend_modules()
 
 
 def start_warm_up() -> threading.Thread | None:

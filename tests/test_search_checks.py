@@ -395,3 +395,32 @@ def test_the_migration_names_the_package_when_the_server_lacks_pgvector():
     message = str(raised.value)
     assert f"postgresql-{server_major_version(connection)}-pgvector" in message
     assert "pgvector/pgvector image" in message and "has no pgvector extension" in message
+
+
+def test_a_process_imports_the_configured_engine_while_it_starts_not_in_its_first_request(
+    tmp_path,
+):
+    # A fresh interpreter, as a web process: django.setup() runs the app's ready().
+    script = (
+        "import sys, django\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=['django.contrib.contenttypes', 'django.contrib.auth',"
+        " 'imagetags'], DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3',"
+        " 'NAME': ':memory:'}}, IMAGETAGS={'SEARCH': {'BACKEND': sys.argv[1], 'OPTIONS':"
+        " {'PATH': sys.argv[2]}}})\n"
+        "django.setup()\n"
+        "print('usearch.index' in sys.modules, 'numpy.ma' in sys.modules)\n"
+    )
+    run = [sys.executable, "-c", script]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    def started(backend: str) -> str:
+        done = subprocess.run(
+            [*run, backend, str(tmp_path)], capture_output=True, text=True, env=env, check=True
+        )
+        return done.stdout.strip()
+
+    assert started("usearch") == "True True"
+    assert started("exact") == "False True"
+    # A wrong setting is the system checks' to report: the process still starts.
+    assert started("no-such-engine") == "False True"

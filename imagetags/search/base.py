@@ -81,6 +81,13 @@ class VectorSearch(ABC):
         :func:`get_search_class` raises it, so a site that chooses the backend learns at once."""
         return None
 
+    @classmethod
+    def import_modules(cls) -> None:
+        """Import the packages a search of this backend uses, without touching any data. The
+        app calls it for the configured backend while a process starts, so that the process's
+        first request does not pay for imports (usearch's: ~30 ms) as well as its search."""
+        return None  # exact and pgvector use what the app imports anyway
+
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Replace the file at ``path`` with what ``write(temporary_path)`` writes, atomically.

@@ -111,6 +111,10 @@ class UsearchSearch(VectorSearch):
             return f"The 'usearch' vector search needs the usearch package: {INSTALL_HINT}"
         return None
 
+    @classmethod
+    def import_modules(cls) -> None:
+        _usearch()
+
     @property
     def read_only(self) -> bool:
         """Whether this is a memory-mapped view of a file (``open(path, view=True)``)."""

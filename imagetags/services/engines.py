@@ -111,6 +111,20 @@ def search_setting() -> SearchSetting:
     return SearchSetting(backend, options)
 
 
+def import_backend_modules() -> None:
+    """Import the configured search backend's packages (``VectorSearch.import_modules``), and
+    the NumPy module the serving's first ``np.unique`` would import (numpy.ma: ~20 ms), while a
+    process starts. A setting that is wrong or a package that is missing is left to the system
+    checks (``imagetags.E00x``), which say what to do; starting the process must not fail here."""
+    import numpy.ma  # noqa: F401
+
+    try:
+        setting = search_setting()
+    except ImproperlyConfigured:
+        return
+    get_search_class(setting.backend).import_modules()
+
+
 def uses_engine() -> bool:
     """Whether neighbours come from an engine (pgvector, usearch) rather than ``exact``."""
     return search_setting().backend != "exact"
