@@ -155,3 +155,76 @@ def test_works_on_a_connection_that_binds_parameters_client_side(
         search.drop()
 
     assert ids[1, 0] == 4 and 3 not in ids
+
+
+def test_a_search_is_one_statement_that_leaves_the_sessions_settings_alone(
+    connect: Callable, indexed: PgvectorSearch
+) -> None:
+    conn = connect()
+    statements: list[str] = []
+    conn.add_notice_handler(lambda notice: statements.append(notice.message_primary))
+    queries = structured_vectors(2, DIM, topics=300, seed=4)
+
+    ids, _sims = indexed.search(queries, 120)  # above pgvector's default ef_search (40)
+
+    assert ids.shape == (2, 120) and np.all(ids >= 1000)
+    # The setting was the statement's own (set_config is_local in autocommit): not kept.
+    assert conn.execute("SHOW hnsw.ef_search").fetchone()[0] == "40"
+    assert statements == []  # no "SET LOCAL outside a transaction block" warning
+    sql, params = indexed.nearest_sql(queries[0], 120)
+    assert sql.count(";") == 0 and "set_config('hnsw.ef_search', '120', true)" in sql
+    assert params[1] == 120
+
+
+def test_beyond_pgvectors_ef_search_ceiling_the_scan_goes_on_to_k_rows(
+    indexed: PgvectorSearch,
+) -> None:
+    ids, _sims = indexed.search(structured_vectors(1, DIM, topics=300, seed=5), 1500)
+
+    assert ids.shape == (1, 1500) and np.unique(ids).shape[0] == 1500
+
+
+def test_a_search_inside_the_callers_transaction_cannot_abort_it(
+    connect: Callable, small: PgvectorSearch
+) -> None:
+    conn = connect()
+    with conn.transaction():
+        conn.execute("CREATE TEMPORARY TABLE kept_work (x int) ON COMMIT DROP")
+        conn.execute("INSERT INTO kept_work VALUES (1)")
+        ids, _ = small.search(small.vectors[:1], 5)  # type: ignore[attr-defined]
+        gone = PgvectorSearch(connect, "no_such_table", DIM)
+        with pytest.raises(Exception, match="no_such_table"):
+            gone.search(small.vectors[:1], 5)  # type: ignore[attr-defined]
+        # The failure was rolled back to its savepoint: the caller's work goes on.
+        assert conn.execute("SELECT count(*) FROM kept_work").fetchone()[0] == 1
+    assert ids.shape == (1, 5)
+
+
+def test_search_joined_returns_the_nearest_rows_with_the_callers_columns_in_one_statement(
+    connect: Callable, small: PgvectorSearch
+) -> None:
+    conn = connect()
+    conn.execute("DROP TABLE IF EXISTS joined_labels")
+    conn.execute("CREATE TABLE joined_labels (id bigint PRIMARY KEY, label text, keep boolean)")
+    # Labels for even ids, "kept" only below 1,000: the odd ids come back with NULLs.
+    conn.execute(
+        "INSERT INTO joined_labels SELECT i, 'image ' || i, i < 1000 "
+        "FROM generate_series(0, 1999, 2) AS i"
+    )
+    query = small.vectors[10]  # type: ignore[attr-defined]
+    plain_ids, plain_sims = small.search(query[None, :], 30)
+
+    rows = small.search_joined(
+        query,
+        30,
+        columns="labels.label",
+        joins="LEFT JOIN joined_labels labels ON labels.id = nearest.id AND labels.keep = %s",
+        params=(True,),
+    )
+
+    assert [row[0] for row in rows] == plain_ids[0].tolist()
+    np.testing.assert_allclose([row[1] for row in rows], plain_sims[0], atol=1e-6)
+    for image_id, _similarity, label in rows:
+        assert label == (f"image {image_id}" if image_id % 2 == 0 and image_id < 1000 else None)
+    assert rows[0][0] == 10
+    conn.execute("DROP TABLE joined_labels")

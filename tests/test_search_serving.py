@@ -114,6 +114,32 @@ def test_a_deleted_image_never_votes(library, backend):
     assert not {"salad0", "salad1", "salad2"} & set(names(after))
 
 
+def test_an_image_whose_features_went_stale_does_not_vote(library, backend):
+    query = unit(2, 0.01, seed=1)
+    assert "salad" in names(suggest(query))
+    # Its features are being recomputed (a new extractor, a replaced file): not a neighbour.
+    StockImage.objects.filter(post__tags__name="salad").update(feature_status="pending")
+    assert "salad" not in names(suggest(query))
+
+
+def test_pgvector_beside_the_images_finds_candidates_and_their_owners_in_one_statement(
+    library, backend
+):
+    if backend != "pgvector":
+        pytest.skip("pgvector only: its search joins the images' tables")
+    from django.test.utils import CaptureQueriesContext
+
+    suggest(unit(0, 0.05, seed=2))  # opens the index
+    index = serving_cache().voting_index(library)
+    assert index.joined
+    with CaptureQueriesContext(connection) as queries:
+        result = suggest(unit(0, 0.05, seed=2))
+    assert "cake" in names(result)
+    # The search itself goes through the DB-API connection; what Django ran did not look the
+    # candidates up again (the tags of the voters' posts it still reads).
+    assert not [q["sql"] for q in queries if 'FROM "imagetags_stockimage"' in q["sql"]]
+
+
 def test_a_newly_assigned_image_votes_at_once(library, backend, add_post):
     query = unit(1, 0.0)
     assert "miso" not in names(suggest(query))  # the index is open before the new post exists

@@ -50,6 +50,7 @@ from imagetags.models import (
 )
 from imagetags.search.base import VectorSearch
 from imagetags.search.exact import ExactSearch
+from imagetags.search.pgvector import PgvectorSearch
 from imagetags.services import engines, priors, store, vectors
 from imagetags.services.priors import owner_key
 from imagetags.services.store import IDS_PER_QUERY
@@ -91,6 +92,18 @@ class Neighbours:
     engine: str = "exact"  # IMAGETAGS["SEARCH"]'s backend that found them
 
 
+@dataclass(frozen=True)
+class _Finder:
+    """How one query finds its candidates: ``search(n)`` the ``n`` nearest (ids, similarities),
+    most similar first; ``alive(ids)`` the (post, owner) of those that still exist; the clusters
+    probed and the vectors compared (for the evidence)."""
+
+    search: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    alive: Callable[[list[int]], dict[int, tuple[int, str | None]]]
+    probes: int
+    searched: int
+
+
 class VotingIndex:
     """The active set's centres and, loaded on first use, its clusters' member vectors."""
 
@@ -109,6 +122,20 @@ class VotingIndex:
         has read."""
         self.cluster_set_id = cluster_set.pk
         self.extractor_key = cluster_set.extractor_key
+        key = cluster_set.extractor_key
+        # The candidates that may vote: images that still exist with current features of the
+        # set's extractor (one whose file is being re-extracted is not what its vector shows).
+        # The same rule as the engines' (EngineVotingIndex._alive_rows, candidates_with_owners).
+        self._usable_images = _CompiledIn(
+            lambda ids: (
+                StockImage.objects.filter(
+                    pk__in=ids, feature_status=FeatureStatus.READY, extractor_key=key
+                )
+                .order_by()
+                .values_list("pk")
+            ),
+            StockImage,
+        )
         self.dim = cluster_set.dim
         self.preload = cluster_set.n_images * cluster_set.dim * 4 <= self.preload_below_bytes
         self.centers = centers
@@ -275,7 +302,8 @@ class VotingIndex:
         """Neighbour voting (``core.voting.vote``, as the evaluation runs it) among the members
         of the ``params.probes`` nearest clusters (all when ``probes`` is None): the ranked tags
         and the images that voted, with the counted tags of their posts read now."""
-        search, probes, searched = self._finder(query, params)
+        finder = self._finder(query, params)
+        search, probes, searched = finder.search, finder.probes, finder.searched
         # image -> (post, owner) of the candidates that still exist (one loaded into the index
         # may have been deleted since: it does not vote).
         found: dict[int, tuple[int, str | None]] = {}
@@ -285,7 +313,7 @@ class VotingIndex:
             ids, sims = search(n)
             listed = ids.tolist()
             unknown = [pk for pk in listed if pk not in checked]
-            found.update(self._alive(unknown))
+            found.update(finder.alive(unknown))
             checked.update(unknown)
             keep = np.fromiter((pk in found for pk in listed), bool, len(listed))
             return ids[keep], sims[keep]
@@ -327,25 +355,24 @@ class VotingIndex:
         )
         return ranked, neighbours
 
-    def _finder(
-        self, query: np.ndarray, params: voting.VoteParams
-    ) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int, int]:
-        """(the ``n`` nearest candidates of ``query``, clusters probed, vectors compared)."""
+    def _finder(self, query: np.ndarray, params: voting.VoteParams) -> _Finder:
+        """How this query's candidates are found: the inverted file's lists it probes."""
         if self.preload:
             self.search.load(range(len(self.cluster_ids)))
         probed = self.search.probe(query, params.probes)
         self.search.load(probed.tolist())  # before counting the candidates they hold
         searched = sum(self.search.list_size(int(p)) for p in probed)
-        return (
+        return _Finder(
             lambda n: self.search.search_lists(query, n, probed),
+            self._alive,
             int(probed.shape[0]),
             searched,
         )
 
     def _alive(self, image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
-        """(post, owner) of those of these candidates that still exist."""
-        existing = _existing_images(image_ids)
-        alive = [pk for pk in image_ids if pk in existing]
+        """(post, owner) of those of these candidates that still exist, features current."""
+        usable = {pk for (pk,) in self._usable_images.rows(list(dict.fromkeys(image_ids)))}
+        alive = [pk for pk in image_ids if pk in usable]
         return dict(zip(alive, self.members.lookup(alive), strict=True))
 
     def neighbours(self, query: np.ndarray, params: voting.VoteParams) -> Neighbours:
@@ -358,7 +385,7 @@ class VotingIndex:
         (docs/performance.md)."""
         self.search.load(range(len(self.cluster_ids)))
         self.members.merge()
-        _EXISTING_IMAGES.prepare()
+        self._usable_images.prepare()
         _POST_TAGS.prepare()
         self.priors(vote_by)
 
@@ -410,6 +437,9 @@ class EngineVotingIndex(VotingIndex):
             self.engine = engines.open_pgvector(cluster_set)
         else:
             self._open_newest_file(cluster_set)
+        #: One statement finds the candidates and their posts and owners (pgvector beside the
+        #: images' tables); otherwise the owners are a query of their own.
+        self.joined = engines.joins_models(self.engine)
         key = cluster_set.extractor_key
         self._alive_rows = _CompiledIn(
             lambda ids: (
@@ -481,10 +511,10 @@ class EngineVotingIndex(VotingIndex):
                 self._priors.clear()
             return max(0, added)
 
-    def _finder(
-        self, query: np.ndarray, params: voting.VoteParams
-    ) -> tuple[Callable[[int], tuple[np.ndarray, np.ndarray]], int, int]:
+    def _finder(self, query: np.ndarray, params: voting.VoteParams) -> _Finder:
         held = self._size + self._added
+        if self.joined:
+            return self._joined_finder(query, held)
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
             n = min(n, self.max_candidates)
@@ -503,7 +533,36 @@ class EngineVotingIndex(VotingIndex):
             first.sort()
             return ids[first][:n], sims[first][:n]
 
-        return search, 0, min(held, self.max_candidates)
+        return _Finder(search, self._alive, 0, min(held, self.max_candidates))
+
+    def _joined_finder(self, query: np.ndarray, held: int) -> _Finder:
+        """pgvector in the images' database: each search also brings the post and owner of
+        what it found (``engines.candidates_with_owners``), so checking that the candidates
+        still exist costs no query of its own."""
+        known: dict[int, tuple[int, str | None] | None] = {}
+        assert isinstance(self.engine, PgvectorSearch)
+        engine = self.engine
+
+        def search(n: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = engines.candidates_with_owners(
+                engine, query, min(n, self.max_candidates), self.extractor_key
+            )
+            for image_id, _similarity, post_id, owner_id, external in rows:
+                known[image_id] = (
+                    None if post_id is None else (post_id, owner_key(owner_id, external))
+                )
+            ids = np.fromiter((row[0] for row in rows), np.int64, len(rows))
+            return ids, np.fromiter((row[1] for row in rows), np.float32, len(rows))
+
+        def alive(image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
+            rest = [pk for pk in image_ids if pk not in known]
+            found = self._alive(rest) if rest else {}
+            for pk in image_ids:
+                if known.get(pk) is not None:
+                    found[pk] = known[pk]  # type: ignore[assignment]  # not None here
+            return found
+
+        return _Finder(search, alive, 0, min(held, self.max_candidates))
 
     def _alive(self, image_ids: list[int]) -> dict[int, tuple[int, str | None]]:
         return {
@@ -646,10 +705,6 @@ class _CompiledIn:
 
 
 _PLACEHOLDER = re.compile("%%|%s")
-_EXISTING_IMAGES = _CompiledIn(
-    lambda ids: StockImage.objects.filter(pk__in=ids).order_by().values_list("pk"),
-    StockImage,
-)
 _POST_TAGS = _CompiledIn(
     lambda ids: (
         PostTag.objects.counted()
@@ -663,16 +718,10 @@ _POST_TAGS = _CompiledIn(
 
 def _forget_compiled(**_kwargs: Any) -> None:
     # COUNTED_TAG_SOURCES (inside counted()) or the databases may have changed (tests).
-    _EXISTING_IMAGES.clear()
     _POST_TAGS.clear()
 
 
 setting_changed.connect(_forget_compiled)
-
-
-def _existing_images(image_ids: list[int]) -> set[int]:
-    """Which of these images still exist (one loaded into the index may have been deleted)."""
-    return {pk for (pk,) in _EXISTING_IMAGES.rows(list(dict.fromkeys(image_ids)))}
 
 
 def _post_tags(post_ids: Iterable[int]) -> dict[int, frozenset[str]]:
