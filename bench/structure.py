@@ -76,7 +76,9 @@ def main() -> None:
     rows = {}
     if args.vectors is not None:
         with np.load(args.vectors, allow_pickle=False) as data:
-            rows[f"real: {data['key']}"[:60]] = neighbourhood(data["vectors"].astype(np.float32))
+            # The extractor key up to its options ("|" would also break the table).
+            name = f"real: {str(data['key']).split('|')[0]}"
+            rows[name] = neighbourhood(data["vectors"].astype(np.float32))
     for structure in STRUCTURES:
         rows[f"synthetic: {structure}"] = neighbourhood(synthetic(structure))
     if args.json:
