@@ -94,12 +94,12 @@ def test_compact_blocks_find_the_same_neighbours_within_rounding():
 # --- the index on the database --------------------------------------------------------------
 
 
-def test_a_warm_suggestion_makes_four_queries(soups_and_cakes, django_assert_num_queries):
+def test_a_warm_suggestion_makes_three_queries(soups_and_cakes, django_assert_num_queries):
     query = unit(1, 0.05, seed=8)
     suggest(query)  # loads centres, blocks and priors
-    # The active set, the freshness check (one MAX, no rows), which candidates still exist,
-    # the voters' tags: nothing else.
-    with django_assert_num_queries(4):
+    # The active set with its member count (the freshness check: unchanged, nothing to read),
+    # which candidates still exist, the voters' tags: nothing else.
+    with django_assert_num_queries(3):
         suggest(query)
 
 
@@ -110,9 +110,9 @@ def test_new_memberships_are_read_only_when_there_are_some(
     suggest(query)
     post = add_post(["food", "soup", "miso"], [1], jitter=0.0)
     assert assign_to_active_set(post.images.all()) == 1
-    with django_assert_num_queries(6):  # + the recent keys, then the new members
+    with django_assert_num_queries(5):  # + the recent keys, then the new members
         assert "miso" in names(suggest(query))
-    with django_assert_num_queries(4):
+    with django_assert_num_queries(3):
         suggest(query)
 
 
@@ -212,8 +212,8 @@ def test_warm_up_loads_the_whole_index_before_the_first_suggestion(
     warmed = serving_cache().loaded_index
     assert warmed is not None and warmed.cluster_set_id == soups_and_cakes.pk
     assert warmed.loaded_clusters == 2 and warmed._priors  # every cluster, and the tag shares
-    # The first suggestion then costs what later ones do: no loading queries.
-    with django_assert_num_queries(4):
+    # The first suggestion then costs what later ones do (three queries): no loading ones.
+    with django_assert_num_queries(3):
         suggest(unit(0, 0.05, seed=3))
 
 

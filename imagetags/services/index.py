@@ -240,11 +240,12 @@ class VotingIndex:
                     self._recent.update(row[3] for row in members if row[3] > floor)
                     yield (position, *self._columns(members))
 
-    def refresh(self) -> int:
+    def refresh(self, assigned: int | None = None) -> int:
         """Add the members assigned since the last look to the loaded clusters; returns how many
-        new memberships there were."""
+        new memberships there were. ``assigned``: the set's ``n_images`` if the caller has just
+        read it (the serving cache, with the active set's row): one query fewer."""
         with self._lock:
-            assigned = self._assigned_count()
+            assigned = self._assigned_count() if assigned is None else assigned
             if assigned == self._assigned:
                 return 0  # the usual case: one row read by its key, no ORM
             # Which recent keys are new: above the watermark, or below it but committed late
@@ -490,12 +491,12 @@ class EngineVotingIndex(VotingIndex):
             self.newer.add(found, matrix, np.zeros(len(rows), dtype=np.int64))
         return len(rows)
 
-    def refresh(self) -> int:
+    def refresh(self, assigned: int | None = None) -> int:
         """Take in what the worker added since the last look: for usearch, a newer file of the
         set (reopened) or the newer members (read from the database); pgvector's table already
-        holds every committed member."""
+        holds every committed member. ``assigned`` as the base class's."""
         with self._lock:
-            assigned = self._assigned_count()
+            assigned = self._assigned_count() if assigned is None else assigned
             if assigned == self._assigned:
                 return 0
             added = assigned - self._assigned

@@ -38,6 +38,9 @@ class ServingCache:
         self._active: tuple[tuple, ClusterSet] | None = None  # ((key, activated), row)
         self._centers: tuple[tuple, Centers] | None = None  # (version, centres)
         self._index: tuple[tuple, VotingIndex] | None = None  # (version, index)
+        # (set id, n_images) as this thread's last active_set() read them, for the index's
+        # refresh() in the same suggestion: taken once, so never older than that read.
+        self._assigned_seen = threading.local()
 
     def reset(self) -> None:
         with self._lock:
@@ -53,18 +56,22 @@ class ServingCache:
         quote = connection.ops.quote_name
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT {quote(meta.pk.column)}, {quote(meta.get_field('activated').column)} "
+                f"SELECT {quote(meta.pk.column)}, {quote(meta.get_field('activated').column)}, "
+                f"{quote(meta.get_field('n_images').column)} "
                 f"FROM {quote(meta.db_table)} WHERE {quote(meta.get_field('status').column)} = %s",
                 [ClusterSetStatus.ACTIVE],
             )
             row = cursor.fetchone()
         if row is None:
             return None
+        # The set's member count, read with its key: what the index's refresh() would query.
+        self._assigned_seen.value = (row[0], row[2])
+        key = (row[0], row[1])
         active = self._active
-        if active is not None and active[0] == tuple(row):
+        if active is not None and active[0] == key:
             return active[1]
         cluster_set = ClusterSet.objects.get(pk=row[0])
-        self._active = (tuple(row), cluster_set)
+        self._active = (key, cluster_set)
         return cluster_set
 
     def centers(self, cluster_set: ClusterSet) -> Centers:
@@ -89,7 +96,9 @@ class ServingCache:
             if cached is None or cached[0] != version:
                 cached = self._index = (version, voting_index(cluster_set, centers, cluster_ids))
         index = cached[1]
-        index.refresh()
+        seen = getattr(self._assigned_seen, "value", None)
+        self._assigned_seen.value = None
+        index.refresh(seen[1] if seen is not None and seen[0] == cluster_set.pk else None)
         return index
 
     @property
