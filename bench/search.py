@@ -913,9 +913,55 @@ def build(workdir: Path, name: str, alias: str) -> dict[str, Any]:
     return {**result, "wall_seconds": time.perf_counter() - started}
 
 
+def effort(workdir: Path, name: str, efforts: list[int]) -> dict[str, Any]:
+    """recall@50 and the search's own p50 (one thread) of the library's usearch file at each
+    ``expansion_search``, asking what serving asks first (``4 × NEIGHBOURS``), on the
+    benchmark's queries: how much of a miss more search effort can buy (docs/performance.md)."""
+    from usearch.index import Index
+
+    path = next((workdir / f"{name}-usearch").glob("*.usearch"))
+    data = np.load(workdir / f"{name}-queries.npz")
+    queries, truth = data["queries"], data["truth"]
+    index = Index.restore(str(path), view=True)
+    asked = max(NEIGHBOURS, 4 * 20)
+    for query in queries[:50]:  # the mapped pages in, as a serving process has them
+        index.search(query, asked, threads=1)
+    found: dict[str, Any] = {}
+    for ef in efforts:
+        index.expansion_search = ef
+        times, shares = [], []
+        for query, true in zip(queries, truth, strict=True):
+            started = time.perf_counter()
+            keys = index.search(query, asked, threads=1).keys
+            times.append(1000 * (time.perf_counter() - started))
+            shares.append(len(set(keys[:NEIGHBOURS].tolist()) & set(true.tolist())) / NEIGHBOURS)
+        found[str(ef)] = {"recall": float(np.mean(shares)), "p50_ms": median(times)}
+    return found
+
+
+def pg_rebuild(workdir: Path, name: str) -> dict[str, Any]:
+    """The recurring pgvector rebuild alone, on a library ``pgload`` put in the run's
+    PostgreSQL: one untimed rebuild fills the vectors' table (its HNSW index skipped: at
+    1,000,000 it takes 16 minutes, and a sync of no changes never reads it), then one timed."""
+    _setup(workdir, name, backend("pgvector"))
+    from imagetags.models import ClusterSet, ClusterSetStatus
+    from imagetags.search.pgvector import PgvectorSearch
+    from imagetags.services import engines
+    from imagetags.services.rebuild import rebuild_clusters
+
+    PgvectorSearch.build_index = lambda self, **options: None  # type: ignore[method-assign]
+    started = time.perf_counter()
+    rebuild_clusters(k=K, algorithm="minibatch")
+    first = time.perf_counter() - started
+    ClusterSet.objects.exclude(status=ClusterSetStatus.ACTIVE).delete()
+    return {"first_untimed_seconds": first, **_timed_rebuild(rebuild_clusters, engines)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="One step of the search benchmark.")
-    parser.add_argument("step", choices=["queries", "build", "serve", "pgload"])
+    parser.add_argument(
+        "step", choices=["queries", "build", "serve", "pgload", "effort", "pgrebuild"]
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--name", required=True)
     parser.add_argument("--backend", default="exact")
@@ -924,6 +970,9 @@ def main() -> None:
     parser.add_argument(
         "--first", type=int, default=None, help="serve: time only this query, first in process"
     )
+    parser.add_argument(
+        "--efforts", default="128,256,512,1024", help="effort: expansion_search values"
+    )
     args = parser.parse_args()
     if args.step == "queries":
         result = draw_queries(args.workdir, args.name, args.queries, args.seed)
@@ -931,6 +980,10 @@ def main() -> None:
         result = build(args.workdir, args.name, args.backend)
     elif args.step == "pgload":
         result = load_postgres(args.workdir, args.name)
+    elif args.step == "effort":
+        result = effort(args.workdir, args.name, [int(e) for e in args.efforts.split(",")])
+    elif args.step == "pgrebuild":
+        result = pg_rebuild(args.workdir, args.name)
     else:
         result = serve(args.workdir, args.name, args.backend, args.first)
     print(json.dumps(result), flush=True)

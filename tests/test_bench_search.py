@@ -211,3 +211,23 @@ def test_a_library_keeps_its_name_by_structure():
     assert search.library_name(1000, "isotropic") == "search-1000x512"
     assert search.library_name(1000) == "search-1000x512-cnn"
     assert set(search.STRUCTURES) == {"cnn", "isotropic"}
+
+
+def test_the_effort_step_measures_recall_and_time_of_a_usearch_file(tmp_path):
+    usearch = pytest.importorskip("usearch.index")
+    rng = np.random.default_rng(0)
+    library = rng.standard_normal((500, 16)).astype(np.float32)
+    library /= np.linalg.norm(library, axis=1, keepdims=True)
+    (tmp_path / "lib-usearch").mkdir()
+    index = usearch.Index(ndim=16, metric="cos", dtype="f32")
+    index.add(np.arange(500), library)
+    index.save(str(tmp_path / "lib-usearch" / "set-1.usearch"))
+    queries = library[:20] + 0.01 * rng.standard_normal((20, 16)).astype(np.float32)
+    truth = np.argsort(-(queries @ library.T), axis=1)[:, : search.NEIGHBOURS]
+    np.savez(tmp_path / "lib-queries.npz", queries=queries, truth=truth)
+
+    found = search.effort(tmp_path, "lib", [16, 128])
+
+    assert set(found) == {"16", "128"}
+    assert found["128"]["recall"] > 0.95 and found["128"]["p50_ms"] > 0
+    assert found["16"]["recall"] <= found["128"]["recall"] + 1e-9
