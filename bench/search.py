@@ -6,9 +6,13 @@ For each size, ``bench.rebuild_worker populate`` fills a synthetic SQLite librar
 the work directory like the rebuild benchmark's; ``--fresh`` makes new ones): unit vectors around
 ``topics_for(n)`` topic centres (3,000 at 1,000,000) whose sizes follow Zipf's law, each image at
 cosine 0.5–0.7 to its centre (drawn per topic), posts of one to three images and their generic,
-topic and noise tags. Uniform random vectors would have no neighbours and defeat every ANN
-engine; these have neighbours the way CNN features of dishes do. ``bench.rebuild_worker rebuild``
-then clusters it (K=150, as the rebuild benchmark and the figures the issue cites). The engines
+topic and noise tags. How an image varies inside its topic is ``STRUCTURES``' (``bench/run
+--search-library``): ``cnn`` (default) puts most of it in a 40-dimensional subspace of the topic,
+which gives the local intrinsic dimension of real CNN features (feedme-dev's MobileNetV2 vectors:
+``bench/structure.py``); ``isotropic`` spreads it over all 512 dimensions, so a topic's images are
+nearly equidistant (a stress case: uniform-like noise defeats every ANN engine).
+``bench.rebuild_worker rebuild`` then clusters it (K=150, as the rebuild benchmark and the
+figures the issue cites). The engines
 are configured as a site configures them (``IMAGETAGS["SEARCH"]``): ``usearch`` on the same
 SQLite library with an index directory beside it; ``pgvector`` on a copy of the library in a
 throwaway PostgreSQL 18 + pgvector (``tests/pgvector_server.py``, started once per run; the
@@ -16,8 +20,9 @@ library's rows copied by COPY with their keys). Their index is built by ``rebuil
 itself (``services.engines.publish``), run twice: from no index, then from the first's.
 
 Every measurement of serving runs in a fresh process (``python -m bench.search serve``), one BLAS
-thread, as a web worker runs (README, Deployment), on the same query vectors: stored vectors of
-random library images plus noise (new images of known topics), fixed by the seed.
+thread, as a web worker runs (README, Deployment), on the same query vectors, fixed by the seed:
+new images of the library's topics (``cnn``), or random library images plus noise
+(``isotropic``).
 
 - p50 warm: the median of the queries run a second time in one process; the note gives the
   first round (a process that did not warm up, loading what each query touches).
