@@ -122,20 +122,7 @@ class VotingIndex:
         has read."""
         self.cluster_set_id = cluster_set.pk
         self.extractor_key = cluster_set.extractor_key
-        key = cluster_set.extractor_key
-        # The candidates that may vote: images that still exist with current features of the
-        # set's extractor (one whose file is being re-extracted is not what its vector shows).
-        # The same rule as the engines' (EngineVotingIndex._alive_rows, candidates_with_owners).
-        self._usable_images = _CompiledIn(
-            lambda ids: (
-                StockImage.objects.filter(
-                    pk__in=ids, feature_status=FeatureStatus.READY, extractor_key=key
-                )
-                .order_by()
-                .values_list("pk")
-            ),
-            StockImage,
-        )
+        self._usable_images = _usable_candidates(cluster_set.extractor_key, "pk")
         self.dim = cluster_set.dim
         self.preload = cluster_set.n_images * cluster_set.dim * 4 <= self.preload_below_bytes
         self.centers = centers
@@ -441,16 +428,8 @@ class EngineVotingIndex(VotingIndex):
         #: One statement finds the candidates and their posts and owners (pgvector beside the
         #: images' tables); otherwise the owners are a query of their own.
         self.joined = engines.joins_models(self.engine)
-        key = cluster_set.extractor_key
-        self._alive_rows = _CompiledIn(
-            lambda ids: (
-                StockImage.objects.filter(
-                    pk__in=ids, feature_status=FeatureStatus.READY, extractor_key=key
-                )
-                .order_by()
-                .values_list("pk", "post_id", "post__owner_id", "post__external_owner")
-            ),
-            StockImage,
+        self._alive_rows = _usable_candidates(
+            cluster_set.extractor_key, "pk", "post_id", "post__owner_id", "post__external_owner"
         )
         self._cluster_set = cluster_set
 
@@ -723,6 +702,23 @@ def _forget_compiled(**_kwargs: Any) -> None:
 
 
 setting_changed.connect(_forget_compiled)
+
+
+def _usable_candidates(extractor_key: str, *fields: str) -> _CompiledIn:
+    """``fields`` of the candidates that may vote: images that still exist, with current
+    features of the set's extractor (one whose file is being re-extracted is not what its
+    vector shows). One rule for every backend (pgvector's joined search applies it in SQL:
+    ``engines.candidates_with_owners``)."""
+    return _CompiledIn(
+        lambda ids: (
+            StockImage.objects.filter(
+                pk__in=ids, feature_status=FeatureStatus.READY, extractor_key=extractor_key
+            )
+            .order_by()
+            .values_list(*fields)
+        ),
+        StockImage,
+    )
 
 
 def _post_tags(post_ids: Iterable[int]) -> dict[int, frozenset[str]]:
