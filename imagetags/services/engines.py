@@ -186,10 +186,14 @@ def search(engine: VectorSearch, queries: np.ndarray, k: int) -> tuple[np.ndarra
         return engine.search(queries, k)
     except psycopg.Error as error:
         # The handle names the table, so it works again once the table is back: kept.
-        raise SearchIndexUnavailable(
-            f"The pgvector search failed ({type(error).__name__}: {error}). If its table "
-            f"{engine.table} is gone, run `manage.py rebuild_clusters`, which builds it."
-        ) from error
+        raise _unavailable(engine, error) from error
+
+
+def _unavailable(engine: PgvectorSearch, error: Exception) -> SearchIndexUnavailable:
+    return SearchIndexUnavailable(
+        f"The pgvector search failed ({type(error).__name__}: {error}). If its table "
+        f"{engine.table} is gone, run `manage.py rebuild_clusters`, which builds it."
+    )
 
 
 def joins_models(engine: VectorSearch) -> bool:
@@ -223,7 +227,8 @@ def candidates_with_owners(
         return quote(meta.get_field(field).column)
 
     joins = (
-        f"LEFT JOIN {quote(image.db_table)} found_image ON found_image.{column(image, 'id')} = nearest.id "
+        f"LEFT JOIN {quote(image.db_table)} found_image "
+        f"ON found_image.{column(image, 'id')} = nearest.id "
         f"AND found_image.{column(image, 'feature_status')} = %s "
         f"AND found_image.{column(image, 'extractor_key')} = %s "
         f"LEFT JOIN {quote(post.db_table)} found_post "
@@ -238,10 +243,7 @@ def candidates_with_owners(
             query, k, columns=columns, joins=joins, params=(FeatureStatus.READY, extractor_key)
         )
     except psycopg.Error as error:
-        raise SearchIndexUnavailable(
-            f"The pgvector search failed ({type(error).__name__}: {error}). If its table "
-            f"{engine.table} is gone, run `manage.py rebuild_clusters`, which builds it."
-        ) from error
+        raise _unavailable(engine, error) from error
 
 
 # --- usearch files ----------------------------------------------------------------------------
