@@ -228,3 +228,17 @@ def test_search_joined_returns_the_nearest_rows_with_the_callers_columns_in_one_
         assert label == (f"image {image_id}" if image_id % 2 == 0 and image_id < 1000 else None)
     assert rows[0][0] == 10
     conn.execute("DROP TABLE joined_labels")
+
+
+def test_the_index_is_built_again_denser_beside_the_one_that_serves(small: PgvectorSearch) -> None:
+    assert small.index_connectivity() == 16  # from_arrays: pgvector's default
+    small.rebuild_index(24)  # the fixture's connection is in autocommit: CONCURRENTLY
+    assert small.index_connectivity() == 24
+    ids, _ = small.search(small.vectors[:1], 1)  # type: ignore[attr-defined]
+    assert ids[0, 0] == 0
+    with small._cursor() as cursor:
+        cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (small.table,))
+        assert sorted(row[0] for row in cursor.fetchall()) == [
+            f"{small.table}_hnsw",
+            f"{small.table}_pkey",
+        ]

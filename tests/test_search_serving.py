@@ -333,3 +333,40 @@ def test_the_engines_search_effort_comes_from_the_options(library, backend, sett
     serving_cache().reset()
     with pytest.raises(ImproperlyConfigured, match=f"{name}'] must be a positive integer"):
         suggest(unit(0, 0.05))
+
+
+def built_connectivity(backend: str, cluster_set: ClusterSet) -> int | None:
+    if backend == "usearch":
+        from imagetags.search.usearch import UsearchSearch
+
+        return UsearchSearch.open(engines.newest_index_file(cluster_set).path).connectivity
+    return engines.pgvector_table(cluster_set).index_connectivity()
+
+
+def test_the_graphs_connectivity_follows_the_library_size_or_the_option(
+    library, backend, settings, monkeypatch
+):
+    if backend == "exact":
+        pytest.skip("exact builds no graph")
+    from imagetags.search import base
+
+    assert built_connectivity(backend, library) == base.CONNECTIVITY  # 18 images: a small graph
+
+    # A library grown past LARGE_GRAPH: the next publish builds a denser graph, said so.
+    monkeypatch.setattr(base, "LARGE_GRAPH", 10)
+    said: list[str] = []
+    grown = rebuild_clusters(k=3, algorithm="kmeans", progress=said.append)
+    assert built_connectivity(backend, grown) == base.LARGE_GRAPH_CONNECTIVITY
+    assert any(f"→ {base.LARGE_GRAPH_CONNECTIVITY}" in line for line in said), said
+    assert "cake" in names(suggest(unit(0, 0.05)))
+
+    # The option overrides the size; a graph denser than asked is kept, not rebuilt.
+    search = dict(settings.IMAGETAGS["SEARCH"])
+    settings.IMAGETAGS = {
+        **settings.IMAGETAGS,
+        "SEARCH": {**search, "OPTIONS": {**search["OPTIONS"], "CONNECTIVITY": 20}},
+    }
+    said.clear()
+    kept = rebuild_clusters(k=3, algorithm="kmeans", progress=said.append)
+    assert built_connectivity(backend, kept) == base.LARGE_GRAPH_CONNECTIVITY
+    assert not any("→" in line for line in said), said

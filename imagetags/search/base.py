@@ -18,6 +18,20 @@ import numpy as np
 #: What a person runs to write a search index file again (a missing or corrupt one is rebuilt).
 REBUILD_COMMAND = "python manage.py rebuild_clusters"
 
+#: HNSW's M (links per node) for graphs up to and from ``LARGE_GRAPH`` vectors. With M=16, on
+#: 512-d vectors of CNN-like structure, recall@50 at the serving's search effort was 0.963 at
+#: 100,000 but 0.747 at 1,000,000, and a longer walk did not recover it (0.898 at ef 1024): the
+#: graph, not the search, was the limit (docs/performance.md §6, ``bench/hnsw_degree.py``).
+#: A denser graph costs build time and ~M·8 bytes a vector, so small libraries keep M=16.
+CONNECTIVITY = 16
+LARGE_GRAPH_CONNECTIVITY = 32
+LARGE_GRAPH = 250_000
+
+
+def hnsw_connectivity(n_vectors: int) -> int:
+    """The M an HNSW graph of ``n_vectors`` is built with when the setting names none."""
+    return LARGE_GRAPH_CONNECTIVITY if n_vectors >= LARGE_GRAPH else CONNECTIVITY
+
 
 class SearchIndexError(Exception):
     """A search index file is missing or cannot be read: rebuilding the clusters writes it again.

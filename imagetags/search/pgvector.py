@@ -177,9 +177,10 @@ class PgvectorSearch(VectorSearch):
         return search
 
     def build_index(self, m: int = 16, ef_construction: int = 128) -> None:
-        """Build the HNSW index: pgvector's default ``m``, and ``ef_construction`` 128 (its
-        default is 64), as usearch's graph is built. At 100,000 library vectors of CNN-like
-        structure, recall@50 at ef_search 80 went from 0.930 to 0.958 for a build 1.8× as long
+        """Build the HNSW index: ``m`` links per node (pgvector's default 16; the engines pass
+        ``hnsw_connectivity`` of the library's size), and ``ef_construction`` 128 (its default
+        is 64), as usearch's graph is built. At 100,000 library vectors of CNN-like structure,
+        recall@50 at ef_search 80 went from 0.930 to 0.958 for a build 1.8× as long
         (docs/performance.md §6). Call it after the bulk load; a no-op when the index exists."""
         with self._cursor() as cursor:
             cursor.execute(
@@ -187,6 +188,41 @@ class PgvectorSearch(VectorSearch):
                 f"USING hnsw (embedding halfvec_cosine_ops) "
                 f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
             )
+
+    def index_connectivity(self) -> int | None:
+        """The ``m`` the table's HNSW index was built with (None: no index yet)."""
+        with self._cursor() as cursor:
+            cursor.execute(
+                "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.relname = %s AND n.nspname = current_schema()",
+                (f"{self.table}_hnsw",),
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        options = dict(option.split("=", 1) for option in row[0] or [])
+        return int(options.get("m", 16))  # an index built with no options has pgvector's 16
+
+    def rebuild_index(self, m: int, ef_construction: int = 128) -> None:
+        """Build the HNSW index again with ``m`` (for a graph too sparse for the library it has
+        grown into), beside the old one, which serves every search until the new one replaces
+        it. On a connection outside a transaction (the worker's) the build is ``CONCURRENTLY``,
+        so new members can be inserted meanwhile (at 1,000,000 vectors it takes ~20 minutes);
+        inside one (a test's) it is a plain build, which holds off writes until it commits."""
+        from psycopg.pq import TransactionStatus
+
+        conn = self.connect()
+        concurrently = conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE
+        with conn.cursor() as cursor:
+            cursor.execute(f"DROP INDEX IF EXISTS {self.table}_hnsw_next")  # a build cut short
+            cursor.execute(
+                f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}{self.table}_hnsw_next "
+                f"ON {self.table} USING hnsw (embedding halfvec_cosine_ops) "
+                f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
+            )
+        with self._cursor() as cursor:  # the swap: one short transaction
+            cursor.execute(f"DROP INDEX IF EXISTS {self.table}_hnsw")
+            cursor.execute(f"ALTER INDEX {self.table}_hnsw_next RENAME TO {self.table}_hnsw")
 
     def drop(self) -> None:
         """Delete the table (and its index)."""

@@ -121,6 +121,11 @@ class UsearchSearch(VectorSearch):
         return self.path is not None
 
     @property
+    def connectivity(self) -> int:
+        """HNSW's M the graph was built with (a saved file keeps it)."""
+        return int(self._index.connectivity)
+
+    @property
     def dtype(self) -> str:
         return str(self._index.dtype).rsplit(".", 1)[-1].lower()
 

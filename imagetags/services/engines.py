@@ -50,7 +50,7 @@ from imagetags.conf import imagetags_settings
 from imagetags.contrib.pgvector.extension import extension_installed, install_hint
 from imagetags.models import ClusterMembership, ClusterSet, FeatureStatus, Post, StockImage
 from imagetags.search import get_search_class, search_aliases
-from imagetags.search.base import SearchIndexError, VectorSearch
+from imagetags.search.base import SearchIndexError, VectorSearch, hnsw_connectivity
 from imagetags.search.pgvector import PgvectorSearch, table_name
 from imagetags.search.usearch import UsearchSearch
 from imagetags.services import store
@@ -95,7 +95,7 @@ def search_setting() -> SearchSetting:
     missing = get_search_class(backend).missing_requirement()
     if missing:
         raise ImproperlyConfigured(missing)
-    for name in ("EF_SEARCH", "EXPANSION_SEARCH"):
+    for name in ("EF_SEARCH", "EXPANSION_SEARCH", "CONNECTIVITY"):
         value = options.get(name)
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
@@ -109,6 +109,14 @@ def search_setting() -> SearchSetting:
             "index files, shared by the web and worker processes of this machine."
         )
     return SearchSetting(backend, options)
+
+
+def connectivity(n_members: int) -> int:
+    """HNSW's M for a graph of ``n_members``: ``OPTIONS["CONNECTIVITY"]`` or, unset, the one
+    the size calls for (``hnsw_connectivity``). A graph already built sparser than this is
+    built again by the next publish; a denser one is kept (a library that shrank)."""
+    chosen = search_setting().options.get("CONNECTIVITY")
+    return int(chosen) if chosen is not None else hnsw_connectivity(n_members)
 
 
 def import_backend_modules() -> None:
@@ -400,8 +408,8 @@ def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
         say(f"Search index: loading {len(members)} vectors into {search.table} (pgvector).")
         search = PgvectorSearch.create(search.connect, search.table, cluster_set.dim)
         _fill(search, cluster_set, members, say)
-        say("Search index: building the HNSW index.")
-        search.build_index()
+        say(f"Search index: building the HNSW index (m {connectivity(len(members))}).")
+        search.build_index(connectivity(len(members)))
         return
     with connections[_database()].cursor() as cursor:
         cursor.execute(f"SELECT id FROM {search.table}")
@@ -412,6 +420,10 @@ def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
         search.remove(leaving)
     _fill(search, cluster_set, joining, say)
     say(f"Search index: {len(joining)} vectors added, {len(leaving)} removed ({search.table}).")
+    wanted, built = connectivity(len(members)), search.index_connectivity()
+    if built is None or built < wanted:
+        say(f"Search index: building the HNSW index again (m {built} → {wanted}).")
+        search.rebuild_index(wanted)
 
 
 def _publish_usearch(cluster_set: ClusterSet, previous: ClusterSet | None, say: Progress) -> None:
@@ -435,14 +447,22 @@ def _publish_usearch(cluster_set: ClusterSet, previous: ClusterSet | None, say: 
             search = UsearchSearch.open(newest_index_file(previous).path, view=False)
         except (SearchIndexUnavailable, SearchIndexError) as error:
             say(f"Search index: the previous set's file cannot be reused ({error}); building anew.")
+    wanted = connectivity(len(members))
+    if search is not None and search.connectivity < wanted:
+        say(
+            f"Search index: M {search.connectivity} → {wanted} for {len(members)} images; "
+            "building the graph anew."
+        )
+        search = None
     if search is None or search.dim != cluster_set.dim:
-        search = UsearchSearch(cluster_set.dim)
+        search = UsearchSearch(cluster_set.dim, connectivity=wanted)
     held = np.asarray(search.keys(), dtype=np.int64)
     leaving = np.setdiff1d(held, members)
     if len(leaving) > REBUILD_GRAPH_SHARE * max(1, len(held)):
         # Removed nodes stay in the graph as tombstones that every search walks through.
         say(f"Search index: {len(leaving)} of {len(held)} images left; building the graph anew.")
-        search, held, leaving = UsearchSearch(cluster_set.dim), held[:0], leaving[:0]
+        search = UsearchSearch(cluster_set.dim, connectivity=wanted)
+        held, leaving = held[:0], leaving[:0]
     joining = np.setdiff1d(members, held)
     search.remove(leaving)
     _fill(search, cluster_set, joining, say)
