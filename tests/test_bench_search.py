@@ -231,3 +231,21 @@ def test_the_effort_step_measures_recall_and_time_of_a_usearch_file(tmp_path):
     assert set(found) == {"16", "128"}
     assert found["128"]["recall"] > 0.95 and found["128"]["p50_ms"] > 0
     assert found["16"]["recall"] <= found["128"]["recall"] + 1e-9
+
+
+def test_hnsw_degree_measures_a_graph_against_brute_force():
+    pytest.importorskip("usearch")
+    from bench import hnsw_degree
+
+    matrix, queries = hnsw_degree.library(3_000, seed=0)
+    assert matrix.shape == (3_000, search.DIM) and queries.shape == (
+        hnsw_degree.QUERIES,
+        search.DIM,
+    )
+    truth = hnsw_degree.nearest(matrix, queries)
+    assert hnsw_degree.recall(list(truth), truth) == 1.0
+    assert hnsw_degree.recall(list(truth[:, ::-1] + 1), truth) < 1.0  # off by one id: a miss
+    result = hnsw_degree.graph(matrix, queries, truth, 8)
+    assert result["connectivity"] == 8 and result["file_mb"] >= 1
+    recalls = [result[f"ef{effort}"]["recall"] for effort in hnsw_degree.EFFORTS]
+    assert all(0.9 <= value <= 1.0 for value in recalls), recalls

@@ -18,14 +18,15 @@ import numpy as np
 #: What a person runs to write a search index file again (a missing or corrupt one is rebuilt).
 REBUILD_COMMAND = "python manage.py rebuild_clusters"
 
-#: HNSW's M (links per node) for graphs up to and from ``LARGE_GRAPH`` vectors. With M=16, on
-#: 512-d vectors of CNN-like structure, recall@50 at the serving's search effort was 0.963 at
-#: 100,000 but 0.747 at 1,000,000, and a longer walk did not recover it (0.898 at ef 1024): the
-#: graph, not the search, was the limit (docs/performance.md §6, ``bench/hnsw_degree.py``).
-#: A denser graph costs build time and ~M·8 bytes a vector, so small libraries keep M=16.
+#: HNSW's M (links per node) for graphs below and from ``LARGE_GRAPH`` vectors. On 512-d
+#: vectors of CNN-like structure, at 1,000,000 and the serving's effort (ef 128, k 80), the
+#: graph bounds recall@50, not the walk: M 16 0.747 (0.898 at ef 1024), M 32 0.865, M 48 0.927
+#: (0.958 at ef 256), for a first build 1.3× as long and a file 1.2× as large as M 16's
+#: (``python -m bench.hnsw_degree``; docs/performance.md §6). M 16 finds 0.954 at 150,000 and
+#: 0.940 at 250,000 (M 48 there: 0.966), so the denser graph starts between the two.
 CONNECTIVITY = 16
-LARGE_GRAPH_CONNECTIVITY = 32
-LARGE_GRAPH = 250_000
+LARGE_GRAPH_CONNECTIVITY = 48
+LARGE_GRAPH = 200_000
 
 
 def hnsw_connectivity(n_vectors: int) -> int:
