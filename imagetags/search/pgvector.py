@@ -207,7 +207,8 @@ class PgvectorSearch(VectorSearch):
         """Build the HNSW index again with ``m`` (for a graph too sparse for the library it has
         grown into), beside the old one, which serves every search until the new one replaces
         it. On a connection outside a transaction (the worker's) the build is ``CONCURRENTLY``,
-        so new members can be inserted meanwhile (at 1,000,000 vectors it takes ~20 minutes);
+        so new members can be inserted meanwhile (at 1,000,000 vectors the m 16 build took 16
+        minutes here);
         inside one (a test's) it is a plain build, which holds off writes until it commits."""
         from psycopg.pq import TransactionStatus
 

@@ -408,8 +408,9 @@ def _publish_pgvector(cluster_set: ClusterSet, say: Progress) -> None:
         say(f"Search index: loading {len(members)} vectors into {search.table} (pgvector).")
         search = PgvectorSearch.create(search.connect, search.table, cluster_set.dim)
         _fill(search, cluster_set, members, say)
-        say(f"Search index: building the HNSW index (m {connectivity(len(members))}).")
-        search.build_index(connectivity(len(members)))
+        wanted = connectivity(len(members))
+        say(f"Search index: building the HNSW index (m {wanted}).")
+        search.build_index(wanted)
         return
     with connections[_database()].cursor() as cursor:
         cursor.execute(f"SELECT id FROM {search.table}")
