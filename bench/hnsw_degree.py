@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from bench.rebuild_worker import TopicModel, topic_weights
-from bench.search import COSINE, DIM, STRUCTURES, ZIPF, topics_for
+from bench.search import COSINE, DIM, STRUCTURES, ZIPF, recall_at, topics_for
 
 QUERIES = 200
 K = 80  # what the serving asks the engine for (voting keeps the nearest of them)
@@ -51,17 +51,6 @@ def nearest(matrix: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.argsort(-(queries @ matrix.T), axis=1)[:, :RECALL_AT]
 
 
-def recall(found: list[np.ndarray], truth: np.ndarray) -> float:
-    return float(
-        np.mean(
-            [
-                len(set(f[:RECALL_AT]) & set(t)) / RECALL_AT
-                for f, t in zip(found, truth, strict=True)
-            ]
-        )
-    )
-
-
 def graph(matrix: np.ndarray, queries: np.ndarray, truth: np.ndarray, m: int) -> dict:
     from usearch.index import Index
 
@@ -82,9 +71,9 @@ def graph(matrix: np.ndarray, queries: np.ndarray, truth: np.ndarray, m: int) ->
             began = time.perf_counter()
             matches = index.search(query, K, threads=1)
             times.append(time.perf_counter() - began)
-            found.append(np.asarray(matches.keys))
+            found.append(np.asarray(matches.keys, dtype=np.int64).tolist())
         out[f"ef{effort}"] = {
-            "recall": round(recall(found, truth), 3),
+            "recall": round(recall_at(found, truth), 3),
             "p50_ms": round(float(np.median(times)) * 1000, 2),
         }
     return out
@@ -100,7 +89,9 @@ def main() -> None:
     truth = nearest(matrix, queries)
     rounded = nearest(matrix.astype(np.float16).astype(np.float32), queries)
     print(
-        json.dumps({"n": args.n, "f16_brute_force_recall": round(recall(list(rounded), truth), 4)}),
+        json.dumps(
+            {"n": args.n, "f16_brute_force_recall": round(recall_at(rounded.tolist(), truth), 4)}
+        ),
         flush=True,
     )
     for m in args.connectivity:

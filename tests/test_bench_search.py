@@ -243,8 +243,8 @@ def test_hnsw_degree_measures_a_graph_against_brute_force():
         search.DIM,
     )
     truth = hnsw_degree.nearest(matrix, queries)
-    assert hnsw_degree.recall(list(truth), truth) == 1.0
-    assert hnsw_degree.recall(list(truth[:, ::-1] + 1), truth) < 1.0  # off by one id: a miss
+    assert search.recall_at(truth.tolist(), truth) == 1.0
+    assert search.recall_at((truth[:, ::-1] + 1).tolist(), truth) < 1.0  # off by one id: a miss
     result = hnsw_degree.graph(matrix, queries, truth, 8)
     assert result["connectivity"] == 8 and result["file_mb"] >= 1
     recalls = [result[f"ef{effort}"]["recall"] for effort in hnsw_degree.EFFORTS]
